@@ -1,0 +1,1 @@
+"""Data: tokenizers, TFDS builders and the Grain input pipeline."""

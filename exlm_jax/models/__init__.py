@@ -1,0 +1,1 @@
+"""The shared encoder and its heads."""

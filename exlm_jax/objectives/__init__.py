@@ -1,0 +1,18 @@
+"""Pretraining objectives, registered by name. The trainer looks them up and never branches on them.
+
+An objective is an `Objective` (see `base.py`): a Linen model factory, a pure loss function
+`loss_fn(model, params, tokens, rng, step?, train) -> (loss_sum, (weight, metrics))`, and the
+encoder-only hand-off used by fine-tuning.
+"""
+
+from exlm_jax.objectives.base import Objective, get, names, register  # noqa: F401
+
+# Import the built-in objectives so they register themselves.
+from exlm_jax.objectives import mlm  # noqa: F401,E402
+
+for _optional in ("maelm", "exlm"):
+  try:
+    __import__(f"exlm_jax.objectives.{_optional}")
+  except ModuleNotFoundError as e:  # not written yet in this checkout
+    if e.name != f"exlm_jax.objectives.{_optional}":
+      raise

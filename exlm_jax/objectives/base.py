@@ -1,0 +1,95 @@
+"""The objective contract and registry.
+
+An objective builds a Linen model whose `__call__(tokens, mask_rng)` takes a batch of token blocks
+(B, n) -- `<s> ... </s> <pad>...` -- does its own masking inside the jitted step, and returns
+`(loss_sum, weight, metrics)`:
+  * loss_sum: scalar float32, the objective summed over the batch (e.g. CE summed over masked tokens);
+  * weight: scalar float32, what the loss is normalised by over the GLOBAL batch (e.g. number of
+    masked tokens; number of examples for ExLM). The trainer divides sum by weight only after
+    summing both over micro-batches and devices, so normalisation is global (maelm-reference §10.9);
+  * metrics: dict name -> (sum, count) float32 pairs, reported as sum / count.
+The trainer knows nothing else about an objective.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from exlm_jax.data import vocab
+from exlm_jax.models.encoder import ModelConfig
+
+_REGISTRY: dict[str, "Objective"] = {}
+
+
+@dataclasses.dataclass(frozen=True)
+class Objective:
+  """A pretraining objective.
+
+  name: registry key, the value of `config.objective`.
+  make_model: (config, deterministic) -> Linen module with `__call__(tokens, mask_rng)` as above.
+  encoder_params: params -> the encoder sub-tree fine-tuning loads (fails loudly on missing keys).
+  validate: config -> None, raises ValueError with a one-line message on a bad objective config.
+  """
+
+  name: str
+  make_model: Callable[[ml_collections.ConfigDict, bool], nn.Module]
+  encoder_params: Callable[[Any], Any] = None
+  validate: Callable[[ml_collections.ConfigDict], None] = lambda config: None
+
+  def __post_init__(self):
+    if self.encoder_params is None:
+      object.__setattr__(self, "encoder_params", encoder_subtree)
+
+
+def register(objective: Objective) -> Objective:
+  _REGISTRY[objective.name] = objective
+  return objective
+
+
+def get(name: str) -> Objective:
+  if name not in _REGISTRY:
+    raise ValueError(f"unknown objective {name!r}; registered: {', '.join(sorted(_REGISTRY))}")
+  return _REGISTRY[name]
+
+
+def names() -> list[str]:
+  return sorted(_REGISTRY)
+
+
+def encoder_subtree(params, key: str = "encoder"):
+  """The encoder's parameters inside a full pretraining param tree; raises if absent."""
+  if key not in params:
+    raise KeyError(f"checkpoint has no {key!r} sub-tree (top-level keys: {sorted(params)}); "
+                   "is it a pretraining checkpoint of this codebase?")
+  return params[key]
+
+
+def model_config(config: ml_collections.ConfigDict, **overrides) -> ModelConfig:
+  return ModelConfig.from_config(config.model, **overrides)
+
+
+def dummy_tokens(batch_size: int, seq_len: int) -> jax.Array:
+  """A valid block `<s> x ... x </s>` for shape-only initialisation."""
+  tokens = jnp.full((batch_size, seq_len), vocab.NUM_SPECIAL, jnp.int32)
+  return tokens.at[:, 0].set(vocab.BOS).at[:, -1].set(vocab.EOS)
+
+
+def init_params(objective: Objective, config, rng: jax.Array, batch_size: int = 1):
+  """Parameters (boxed with logical partitioning metadata) for a (batch_size, seq_len) input."""
+  model = objective.make_model(config, True)
+  tokens = dummy_tokens(batch_size, config.seq_len)
+  return model.init({"params": rng, "dropout": rng}, tokens, rng)["params"]
+
+
+def apply_loss(objective: Objective, config, params, tokens: jax.Array, rng: jax.Array, train: bool):
+  """(loss_sum, (weight, metrics)) for one batch: the function the trainer differentiates."""
+  mask_rng, dropout_rng = jax.random.split(rng)
+  model = objective.make_model(config, not train)
+  loss_sum, weight, metrics = model.apply({"params": params}, tokens, mask_rng, rngs={"dropout": dropout_rng})
+  return loss_sum, (weight, metrics)
