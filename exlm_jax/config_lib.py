@@ -86,14 +86,17 @@ def data_config(name: str = "smiles", path: str = "", **overrides) -> ml_collect
       path=path,  # local file, "$DATA/..." (shared data folder), "rdkit:NCI/first_5K.smi", or a URL
       eval_path="",  # held-out file; empty = hold out `eval_fraction` of the records of `path`
       eval_fraction=0.02,
-      column="",  # CSV/TSV column holding the SMILES / text; empty = auto-detect
+      column="",  # CSV/TSV/JSONL column (header name, or 0-based index for a file without header); "" = auto
+      documents="line",  # plain-text files: "line" (one document per line) | "blank_line" (paragraphs)
       tokenizer="smiles_regex" if name == "smiles" else "sentencepiece",  # | "smiles_bpe"
       vocab_size=8000,  # sentencepiece / BPE only
+      spm_max_sentences=500_000,  # sentencepiece / BPE: train on at most this many (sampled) records
       max_examples=-1,  # read at most this many records (quick runs, tests); -1 = all
       overlong="truncate",  # SMILES longer than a block: "truncate" | "skip" (counted either way)
       validate_smiles=False,  # parse every SMILES with RDKit; unparsable ones are counted and skipped
       tfds_dir="",  # where TFDS builds datasets; empty = $EXLM_TFDS_DIR or ~/tensorflow_datasets
       num_workers=0,  # Grain worker processes (0 = in-process)
+      prefetch_batches=4,  # batches Grain reads ahead per process
   ))
   cfg.update(overrides)
   return cfg

@@ -93,16 +93,33 @@ def bert_init(stddev: float = 0.02):
   return nn.initializers.normal(stddev=stddev)
 
 
-def _dense(features, axes, cfg: ModelConfig, name: str, **kwargs) -> nn.Module:
-  return nn.DenseGeneral(
-      features,
-      dtype=cfg.activation_dtype,
-      param_dtype=jnp.float32,
-      kernel_init=nn.with_logical_partitioning(bert_init(), axes),
-      bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), axes[-len(np.atleast_1d(features)):]),
-      name=name,
-      **kwargs,
-  )
+class Projection(nn.Module):
+  """Linear map contracting the last `contract` input dims into `features`, with bias.
+
+  Kernel shape is (*input_dims, *features) created directly at that shape (flax's DenseGeneral
+  initialises a flattened 2-D kernel, which breaks rank-3 logical partitioning annotations).
+  """
+
+  features: tuple[int, ...]
+  axes: tuple[str, ...]
+  cfg: ModelConfig
+  contract: int = 1
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    in_dims = x.shape[x.ndim - self.contract:]
+    kernel = self.param("kernel", nn.with_logical_partitioning(bert_init(), self.axes),
+                        (*in_dims, *self.features), jnp.float32)
+    bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros_init(),
+                                                           self.axes[self.contract:]),
+                      self.features, jnp.float32)
+    dtype = self.cfg.activation_dtype
+    y = jnp.tensordot(x.astype(dtype), kernel.astype(dtype), axes=self.contract)
+    return y + bias.astype(dtype)
+
+
+def _dense(features, axes, cfg: ModelConfig, name: str, contract: int = 1) -> nn.Module:
+  return Projection(tuple(np.atleast_1d(features).tolist()), tuple(axes), cfg, contract, name=name)
 
 
 def _layernorm(cfg: ModelConfig, name: str) -> nn.Module:
@@ -206,7 +223,7 @@ class Attention(nn.Module):
       out = jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask)
     else:
       out = self._attention_with_dropout(q, k, v, mask, bias)
-    return _dense(cfg.d_model, ("heads", "kv", "embed"), cfg, "out", axis=(-2, -1))(out)
+    return _dense(cfg.d_model, ("heads", "kv", "embed"), cfg, "out", contract=2)(out)
 
   def _attention_with_dropout(self, q, k, v, mask, bias):
     scores = jnp.einsum("bqnh,bknh->bnqk", q, k, preferred_element_type=jnp.float32)

@@ -1,0 +1,1 @@
+"""Training: state, optimizer, mesh/partitioning, jitted steps, checkpoints, the loop."""

@@ -1,0 +1,207 @@
+"""Pretraining loop: data -> sharded steps -> progress, TensorBoard, eval, checkpoints, resume.
+
+`train_and_evaluate(config, workdir)` is what `main.py` calls. It resumes automatically from the
+newest checkpoint in `workdir/checkpoints` (state, step and data-iterator position), and ends by
+writing `final_metrics.json` and printing where everything went.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from exlm_jax import objectives
+from exlm_jax.train import checkpoint, partitioning, reporting, steps
+from exlm_jax.train.reporting import note
+
+
+def validate_config(config, num_devices: int, process_count: int = 1) -> None:
+  """Raises a one-line ValueError naming the bad field and how to fix it."""
+  objective = objectives.get(config.objective)
+  if not 0.0 < config.mask_prob < 1.0:
+    raise ValueError(f"mask_prob={config.mask_prob} must lie in (0, 1), e.g. --config.mask_prob=0.15")
+  if config.seq_len < 4:
+    raise ValueError(f"seq_len={config.seq_len} is too short for `<s> x </s>` blocks; use >= 4")
+  if config.model.positions != "rope2d" and config.seq_len > config.model.max_positions:
+    raise ValueError(f"seq_len={config.seq_len} exceeds model.max_positions={config.model.max_positions} "
+                     f"of the learned position table; raise model.max_positions or shorten seq_len")
+  if config.total_steps <= 0:
+    raise ValueError(f"total_steps={config.total_steps} must be positive")
+  if not 0 <= config.warmup_steps <= config.total_steps:
+    raise ValueError(f"warmup_steps={config.warmup_steps} must lie in [0, total_steps={config.total_steps}]")
+  for field in ("log_every", "eval_every", "checkpoint_every", "grad_accum_steps"):
+    if config[field] <= 0:
+      raise ValueError(f"{field}={config[field]} must be positive")
+  mesh = partitioning.mesh_shape(config.mesh, num_devices)
+  dp = math.prod(s for a, s in zip(partitioning.MESH_AXES, mesh) if a in partitioning.BATCH_AXES)
+  unit = dp * config.grad_accum_steps
+  if config.batch_size % unit:
+    raise ValueError(f"batch_size={config.batch_size} must be divisible by data-parallel size {dp} x "
+                     f"grad_accum_steps {config.grad_accum_steps} = {unit}")
+  if config.batch_size % process_count:
+    raise ValueError(f"batch_size={config.batch_size} must be divisible by the {process_count} processes")
+  objective.validate(config)
+
+
+def with_vocab_size(config, vocab_size: int) -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict(config.to_dict())
+  config.model.vocab_size = int(vocab_size)
+  return config
+
+
+def evaluate(setup: steps.TrainSetup, params, batches) -> dict:
+  """Objective metrics over a finite list of eval batches (deterministic masks)."""
+  totals = None
+  for index, batch in enumerate(batches):
+    out = setup.eval_step(params, batch["tokens"], index)
+    totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
+  if totals is None:
+    return {}
+  loss_sum, weight, metrics = jax.device_get(totals)
+  result = {name: float(s) / max(float(c), 1e-9) for name, (s, c) in metrics.items()}
+  result["loss"] = float(loss_sum) / max(float(weight), 1e-9)
+  result["perplexity"] = float(np.exp(min(result["loss"], 50.0)))
+  return result
+
+
+def memory_summary(compiled) -> str:
+  try:
+    mem = compiled.memory_analysis()
+  except Exception:  # not every backend implements it
+    return "memory analysis unavailable on this backend"
+  if mem is None:
+    return "memory analysis unavailable on this backend"
+  gib = lambda b: f"{b / 2**30:.3f} GiB"
+  return (f"per-device memory: arguments {gib(mem.argument_size_in_bytes)}, outputs "
+          f"{gib(mem.output_size_in_bytes)}, temporaries {gib(mem.temp_size_in_bytes)}, "
+          f"generated code {gib(mem.generated_code_size_in_bytes)}")
+
+
+class _StopRequest:
+  """SIGTERM (preemption) sets a flag; the loop checkpoints the current step and exits cleanly."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+
+  def __enter__(self):
+    try:
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    except ValueError:  # not in the main thread
+      self._previous = None
+    return self
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    self.requested = True
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+    return False
+
+
+def prepare(config, workdir: str):
+  """Data, config with the vocabulary size, mesh and TrainSetup for a pretraining run."""
+  from exlm_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+
+  data = pipeline.load_pretraining_data(config, workdir)
+  config = with_vocab_size(config, data.tokenizer.vocab_size)
+  validate_config(config, jax.device_count(), jax.process_count())
+  mesh = partitioning.create_mesh(config.mesh)
+  return data, config, steps.TrainSetup.create(config, mesh)
+
+
+def train_and_evaluate(config, workdir: str) -> dict:
+  """Runs (or resumes) pretraining; returns the final metrics written to final_metrics.json."""
+  workdir = os.path.abspath(workdir)
+  os.makedirs(workdir, exist_ok=True)
+  data, config, setup = prepare(config, workdir)
+  note(f"objective {config.objective} | {setup.num_params() / 1e6:.2f}M parameters | "
+       f"mesh {dict(setup.mesh.shape)} | {jax.process_count()} process(es), {jax.device_count()} device(s)")
+  note("data: " + ", ".join(f"{k} {v}" for k, v in data.summary.items()))
+  checkpoint.write_json(os.path.join(workdir, "config.json"), config.to_dict())
+
+  manager = checkpoint.make_manager(os.path.join(workdir, "checkpoints"), config)
+  train_iter = data.train_iterator()
+  if manager.latest_step() is not None:
+    state, start_step = checkpoint.restore(manager, setup.abstract_state(), train_iter)
+    note(f"resumed from step {start_step} in {manager.directory}")
+  else:
+    state, start_step = setup.init_state(), 0
+
+  started = time.perf_counter()
+  compiled = setup.compile_train_step()
+  note(f"compiled the train step in {time.perf_counter() - started:.1f}s; {memory_summary(compiled)}")
+
+  writer = reporting.Writer(os.path.join(workdir, "tensorboard"))
+  tokens_per_step = config.batch_size * config.seq_len
+  progress = reporting.Progress(config.total_steps, tokens_per_step, start_step)
+  eval_batches = None
+  window, last_train, last_eval, perf = [], {}, {}, {}
+  step = start_step
+  with _StopRequest() as stop:
+    while step < config.total_steps:
+      batch = setup.shard_batch(next(train_iter)["tokens"])
+      state, metrics = compiled(state, batch)
+      step += 1
+      window.append(metrics)
+      if step % config.log_every == 0 or step == config.total_steps:
+        host = jax.device_get(window)  # the only host sync in the loop
+        window = []
+        last_train = {k: float(np.mean([m[k] for m in host])) for k in host[0]}
+        last_train["perplexity"] = float(np.exp(min(last_train["loss"], 50.0)))
+        if not np.isfinite(last_train["loss"]):
+          raise FloatingPointError(f"loss became {last_train['loss']} at step {step}; lower the learning "
+                                   "rate or enable grad_clip_norm")
+        line, perf = progress.report(step, last_train)
+        note(line)
+        writer.scalars(step, {**last_train, **perf}, prefix="train/")
+      if step % config.eval_every == 0 or step == config.total_steps:
+        eval_batches = eval_batches if eval_batches is not None else list(data.eval_batches())
+        last_eval = evaluate(setup, state.params, eval_batches)
+        if last_eval:
+          note(f"eval at step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in last_eval.items()))
+          writer.scalars(step, last_eval, prefix="eval/")
+        progress.restart_clock(step)
+      if step % config.checkpoint_every == 0 or step == config.total_steps or stop.requested:
+        checkpoint.save(manager, step, state, train_iter, force=True)
+        progress.restart_clock(step)
+      if stop.requested:
+        note(f"SIGTERM received: saved step {step}, exiting cleanly")
+        break
+  manager.wait_until_finished()
+  manager.close()
+  writer.close()
+
+  final = {"step": step, "train": last_train, "eval": last_eval, "perf": perf,
+           "num_params": setup.num_params(), "wall_time_s": time.perf_counter() - started,
+           "objective": config.objective, "preempted": step < config.total_steps}
+  checkpoint.write_json(os.path.join(workdir, "final_metrics.json"), final)
+  note(f"done: checkpoints in {workdir}/checkpoints, TensorBoard events in {workdir}/tensorboard, "
+       f"tokenizer in {workdir}/tokenizer, metrics in {workdir}/final_metrics.json")
+  return final
+
+
+def compile_only(config, workdir: str) -> str:
+  """Lowers and compiles the train step for the configured mesh and reports memory (no training)."""
+  if config.model.vocab_size > 0:
+    config = with_vocab_size(config, config.model.vocab_size)
+    validate_config(config, jax.device_count(), jax.process_count())
+    setup = steps.TrainSetup.create(config, partitioning.create_mesh(config.mesh))
+  else:
+    _, config, setup = prepare(config, workdir)
+  started = time.perf_counter()
+  compiled = setup.compile_train_step()
+  summary = (f"compiled {config.objective} train step for mesh {dict(setup.mesh.shape)} in "
+             f"{time.perf_counter() - started:.1f}s; {setup.num_params() / 1e6:.2f}M parameters; "
+             f"{memory_summary(compiled)}")
+  note(summary)
+  return summary

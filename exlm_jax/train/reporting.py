@@ -1,0 +1,77 @@
+"""What a run tells its user: a progress line, TensorBoard events (tensorboardX, no TensorFlow)."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+import jax
+
+
+def note(message: str) -> None:
+  """One line on stdout from process 0 (every process when `EXLM_LOG_ALL=1`)."""
+  if jax.process_index() == 0 or os.environ.get("EXLM_LOG_ALL"):
+    print(message, flush=True, file=sys.stdout)
+
+
+def format_duration(seconds: float) -> str:
+  seconds = max(0, int(seconds))
+  hours, rest = divmod(seconds, 3600)
+  minutes, secs = divmod(rest, 60)
+  return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
+
+
+class Writer:
+  """TensorBoard scalars on process 0; a no-op elsewhere."""
+
+  def __init__(self, logdir: str):
+    self._writer = None
+    if jax.process_index() == 0:
+      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+      self._writer = SummaryWriter(logdir)
+
+  def scalars(self, step: int, values: dict, prefix: str = "") -> None:
+    if self._writer is None:
+      return
+    for name, value in values.items():
+      self._writer.add_scalar(f"{prefix}{name}", float(value), step)
+    self._writer.flush()
+
+  def text(self, step: int, name: str, value: str) -> None:
+    if self._writer is not None:
+      self._writer.add_text(name, value, step)
+
+  def close(self) -> None:
+    if self._writer is not None:
+      self._writer.close()
+
+
+class Progress:
+  """Throughput and ETA over the steps since the last report (compile time excluded)."""
+
+  def __init__(self, total_steps: int, tokens_per_step: int, start_step: int):
+    self.total_steps = total_steps
+    self.tokens_per_step = tokens_per_step
+    self._last_step = start_step
+    self._last_time = time.perf_counter()
+
+  def restart_clock(self, step: int) -> None:
+    """Call after a pause (compile, eval, checkpoint) so it does not count as training time."""
+    self._last_step, self._last_time = step, time.perf_counter()
+
+  def report(self, step: int, metrics: dict) -> tuple[str, dict]:
+    now = time.perf_counter()
+    steps = max(step - self._last_step, 1)
+    seconds = max(now - self._last_time, 1e-9)
+    self._last_step, self._last_time = step, now
+    step_time = seconds / steps
+    perf = {"tokens_per_s": self.tokens_per_step / step_time, "step_time_s": step_time}
+    eta = format_duration(step_time * (self.total_steps - step))
+    shown = " | ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k in _SHOWN)
+    line = (f"step {step}/{self.total_steps} | {shown} | {perf['tokens_per_s']:,.0f} tok/s | "
+            f"{step_time * 1e3:.0f} ms/step | ETA {eta}")
+    return line, perf
+
+
+_SHOWN = ("loss", "accuracy", "perplexity", "grad_norm", "learning_rate")
