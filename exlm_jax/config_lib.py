@@ -91,7 +91,7 @@ def data_config(name: str = "smiles", path: str = "", **overrides) -> ml_collect
       tokenizer="smiles_regex" if name == "smiles" else "sentencepiece",  # | "smiles_bpe"
       vocab_size=8000,  # sentencepiece / BPE only
       spm_max_sentences=500_000,  # sentencepiece / BPE: train on at most this many (sampled) records
-      max_examples=-1,  # read at most this many records (quick runs, tests); -1 = all
+      max_examples=-1,  # read at most this many records per file (quick runs, tests); -1 = all
       overlong="truncate",  # SMILES longer than a block: "truncate" | "skip" (counted either way)
       validate_smiles=False,  # parse every SMILES with RDKit; unparsable ones are counted and skipped
       tfds_dir="",  # where TFDS builds datasets; empty = $EXLM_TFDS_DIR or ~/tensorflow_datasets

@@ -1,0 +1,496 @@
+"""Grain input pipeline: corpus -> tokenizer -> token cache -> fixed blocks -> sharded batches.
+
+Every row the trainer sees is exactly `seq_len` slots: `<s> ... </s>` then `<pad>` (DESIGN.md §2).
+- SMILES (data.name='smiles'): one molecule per block. A molecule longer than seq_len - 2 tokens is
+  truncated (keeping <s> at 0 and </s> last) or skipped, by data.overlong; counted either way.
+- Text (data.name='text'): documents are tokenized, joined into one stream with </s> between
+  documents, and cut into consecutive blocks of seq_len - 2 content tokens wrapped as <s> ... </s>
+  (the last block is padded). Blocks are addressed by index, so packing is deterministic.
+
+Tokenization runs once per (corpus, tokenizer) and is cached as flat token files under
+`<tfds_dir>/exlm_token_cache/`, memory-mapped afterwards. Training batches come from a Grain
+MapDataset whose element t is this process's slice of global batch t (TrainBatches): every block once
+per epoch in a fresh seeded permutation, rows assembled with one vectorized gather. The iterator's
+state is one integer (`get_state()` -> {'next_index': t}; with data.num_workers > 0 Grain's
+multiprocess state), so resume is exact and the state fits in JSON or Orbax's grain checkpoint
+handler. Process p of P takes rows p*B/P .. (p+1)*B/P - 1 of each global batch, so the union over
+processes of batch t is the same set of blocks for any P.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import logging
+import math
+import os
+import shutil
+import sys
+import tempfile
+import threading
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+from etils import epath
+
+from exlm_jax.data import builders
+from exlm_jax.data import tokenizers
+from exlm_jax.data import vocab
+
+CACHE_VERSION = 1
+_CHUNK = 8192
+EVAL_ORDER_SEED = 0  # eval rows come in a fixed order, the same for every run and objective
+
+
+# ----------------------------------------------------------------------------------------------
+# Token cache: flat token ids per split, written once, memory-mapped afterwards
+# ----------------------------------------------------------------------------------------------
+
+def _token_dtype(vocab_size: int) -> np.dtype:
+  return np.dtype(np.uint16) if vocab_size <= 2**16 else np.dtype(np.int32)
+
+
+def _encode_chunk(tok: tokenizers.Tokenizer, texts: list[str]) -> tuple[list[list[int]], int]:
+  """Encodes strings; a string the tokenizer rejects (uncovered SMILES) becomes [] and is counted."""
+  try:
+    return tok.encode_batch(texts), 0
+  except tokenizers.UncoveredSmilesError:
+    out, bad = [], 0
+    for t in texts:
+      try:
+        out.append(tok.encode(t))
+      except tokenizers.UncoveredSmilesError:
+        out.append([])
+        bad += 1
+    return out, bad
+
+
+def write_token_cache(strings: Sequence[str], tok: tokenizers.Tokenizer, directory: str, split: str,
+                      mode: str) -> dict[str, int]:
+  """Tokenizes one split into `directory/{split}.tokens` (+ `.offsets.npy` for SMILES).
+
+  mode 'records' (SMILES): tokens of record r are tokens[offsets[r]:offsets[r+1]]; a record that
+  could not be tokenized has length 0. mode 'stream' (text): documents joined by </s> (empty
+  documents left out), no offsets. Returns the split's counts, also saved as `{split}.json`.
+  """
+  dtype = _token_dtype(tok.vocab_size)
+  chunks = strings.chunks(_CHUNK) if hasattr(strings, "chunks") else (
+      list(strings[i:i + _CHUNK]) for i in range(0, len(strings), _CHUNK))
+  offsets = [0]
+  meta = dict(records=0, untokenizable=0, empty=0, tokens=0, unk_tokens=0, max_len=0)
+  with open(os.path.join(directory, f"{split}.tokens"), "wb") as f:
+    for texts in chunks:
+      ids, bad = _encode_chunk(tok, texts)
+      meta["records"] += len(texts)
+      meta["untokenizable"] += bad
+      pieces = []
+      for seq in ids:
+        if mode == "records":
+          pieces.append(seq)
+          offsets.append(offsets[-1] + len(seq))
+        elif seq:
+          if meta["tokens"] or pieces:
+            pieces.append([vocab.EOS])
+          pieces.append(seq)
+        else:
+          meta["empty"] += 1
+        meta["max_len"] = max(meta["max_len"], len(seq))
+      flat = np.fromiter(itertools.chain.from_iterable(pieces), dtype=np.int64,
+                         count=sum(len(p) for p in pieces))
+      meta["tokens"] += len(flat)
+      meta["unk_tokens"] += int(np.count_nonzero(flat == vocab.UNK))
+      f.write(flat.astype(dtype).tobytes())
+  if mode == "records":
+    np.save(os.path.join(directory, f"{split}.offsets.npy"), np.asarray(offsets, np.int64))
+  meta.update(dtype=dtype.name, mode=mode)
+  with open(os.path.join(directory, f"{split}.json"), "w") as f:
+    json.dump(meta, f)
+  return meta
+
+
+def token_cache(corpus: builders.Corpus, tok: tokenizers.Tokenizer, mode: str) -> str:
+  """Returns the cache directory for (corpus, tokenizer), tokenizing both splits if it is missing.
+
+  Written to a temporary sibling and renamed, so a crashed run never leaves a partial cache.
+  """
+  key = f"{tok.kind}-{tok.fingerprint()}-{mode}-v{CACHE_VERSION}"
+  directory = os.path.join(corpus.data_dir, "exlm_token_cache", corpus.name.replace("/", "__"), key)
+  if os.path.exists(os.path.join(directory, "eval.json")):
+    return directory
+  os.makedirs(os.path.dirname(directory), exist_ok=True)
+  tmp = tempfile.mkdtemp(prefix=os.path.basename(directory) + ".tmp", dir=os.path.dirname(directory))
+  try:
+    for split, strings in (("train", corpus.train), ("eval", corpus.eval)):
+      meta = write_token_cache(strings, tok, tmp, split, mode)
+      logging.info("tokenized %s/%s: %s", corpus.name, split, meta)
+    try:
+      os.rename(tmp, directory)
+    except OSError:  # another process finished first; its cache is identical
+      if not os.path.exists(os.path.join(directory, "eval.json")):
+        raise
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)
+  return directory
+
+
+def _read_meta(directory: str, split: str) -> dict[str, Any]:
+  with open(os.path.join(directory, f"{split}.json")) as f:
+    return json.load(f)
+
+
+# ----------------------------------------------------------------------------------------------
+# Block sources: random access, index -> {'tokens': (seq_len,) int32}
+# ----------------------------------------------------------------------------------------------
+
+class _CachedTokens:
+  """Opens the memory-mapped token file lazily, so sources pickle cheaply to Grain workers."""
+
+  def __init__(self, directory: str, split: str):
+    self._directory, self._split = directory, split
+    self._meta = _read_meta(directory, split)
+    self._tokens = None
+
+  @property
+  def tokens(self) -> np.ndarray:
+    if self._tokens is None:
+      path = os.path.join(self._directory, f"{self._split}.tokens")
+      dtype = np.dtype(self._meta["dtype"])
+      self._tokens = (np.memmap(path, dtype=dtype, mode="r") if os.path.getsize(path)
+                      else np.zeros((0,), dtype))
+    return self._tokens
+
+  def __getstate__(self):
+    state = dict(self.__dict__)
+    state["_tokens"] = None
+    return state
+
+
+def make_blocks(tokens: np.ndarray, starts: np.ndarray, lengths: np.ndarray, seq_len: int) -> np.ndarray:
+  """(R, seq_len) int32 rows `<s> tokens[start:start+length] </s> <pad>...`, one gather for all rows.
+
+  lengths must be in [0, seq_len - 2]. Vectorized because per-row Python is the pipeline's hot path.
+  """
+  rows = len(starts)
+  span = np.arange(seq_len - 2)
+  inside = span[None, :] < lengths[:, None]
+  positions = np.where(inside, starts[:, None] + span[None, :], 0)
+  out = np.full((rows, seq_len), vocab.PAD, np.int32)
+  out[:, 0] = vocab.BOS
+  if tokens.size:
+    out[:, 1:-1] = np.where(inside, tokens[positions.ravel()].reshape(positions.shape), vocab.PAD)
+  out[np.arange(rows), 1 + lengths] = vocab.EOS
+  return out
+
+
+class Blocks(_CachedTokens):
+  """Random access to blocks: `[i]` -> {'tokens': (seq_len,)}, `.batch(ids)` -> (len(ids), seq_len)."""
+
+  def _spans(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    raise NotImplementedError
+
+  def batch(self, ids: np.ndarray) -> np.ndarray:
+    ids = np.asarray(ids, np.int64)
+    if ids.size and (ids.min() < 0 or ids.max() >= len(self)):
+      raise IndexError(f"block index out of range [0, {len(self)})")
+    starts, lengths = self._spans(ids)
+    return make_blocks(self.tokens, starts, lengths, self._seq_len)
+
+  def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+    return {"tokens": self.batch(np.asarray([index]))[0]}
+
+
+class SmilesBlocks(Blocks):
+  """One molecule per block. Record indices `keep` map block i -> record keep[i].
+
+  Content longer than seq_len - 2 is truncated here; 'skip' mode is applied by leaving such records
+  out of `keep` (see smiles_keep).
+  """
+
+  def __init__(self, directory: str, split: str, seq_len: int, keep: np.ndarray):
+    super().__init__(directory, split)
+    self._offsets = np.load(os.path.join(directory, f"{split}.offsets.npy"))
+    self._keep = np.asarray(keep, np.int64)
+    self._seq_len = seq_len
+
+  def __len__(self) -> int:
+    return len(self._keep)
+
+  def _spans(self, ids):
+    records = self._keep[ids]
+    starts = self._offsets[records]
+    return starts, np.minimum(self._offsets[records + 1] - starts, self._seq_len - 2)
+
+
+def smiles_keep(offsets: np.ndarray, seq_len: int, overlong: str) -> tuple[np.ndarray, dict[str, int]]:
+  """Records that become blocks, and the counts: untokenizable (length 0) and over-long ones.
+
+  overlong: 'truncate' keeps over-long records (cut at seq_len - 2 content tokens), 'skip' drops them.
+  """
+  if overlong not in ("truncate", "skip"):
+    raise ValueError(f"config.data.overlong={overlong!r}; choose 'truncate' or 'skip'")
+  lengths = np.diff(offsets)
+  too_long = lengths > seq_len - 2
+  ok = lengths > 0
+  if overlong == "skip":
+    ok &= ~too_long
+  counts = dict(skipped_untokenizable=int(np.count_nonzero(lengths == 0)),
+                truncated_overlong=int(np.count_nonzero(too_long)) if overlong == "truncate" else 0,
+                skipped_overlong=int(np.count_nonzero(too_long)) if overlong == "skip" else 0)
+  return np.flatnonzero(ok), counts
+
+
+class TextBlocks(Blocks):
+  """Consecutive windows of seq_len - 2 tokens of the document stream, each wrapped <s> ... </s>."""
+
+  def __init__(self, directory: str, split: str, seq_len: int):
+    super().__init__(directory, split)
+    self._seq_len = seq_len
+    self._content = seq_len - 2
+
+  def __len__(self) -> int:
+    return math.ceil(self._meta["tokens"] / self._content)
+
+  def _spans(self, ids):
+    starts = ids * self._content
+    return starts, np.clip(self._meta["tokens"] - starts, 0, self._content)
+
+
+class TrainBatches:
+  """Grain source: index t -> this process's rows of global training batch t (infinite).
+
+  The global stream is every block once per epoch in a fresh seeded permutation per epoch
+  (numpy, keyed by (seed, epoch)); global batch t is stream positions t*B .. t*B + B - 1 and
+  process p takes its contiguous slice of B // P rows. So batches depend only on (seed, t): resume
+  is exact and the union over processes does not depend on the process count.
+  """
+
+  def __init__(self, blocks: Blocks, global_batch: int, process_index: int, process_count: int, seed: int):
+    self._blocks = blocks
+    self._n = len(blocks)
+    self._global = global_batch
+    self._local = global_batch // process_count
+    self._first = process_index * self._local
+    self._seed = seed
+    self._perms: dict[int, np.ndarray] = {}
+    self._lock = threading.Lock()
+
+  def __len__(self) -> int:
+    return sys.maxsize
+
+  def _permutation(self, epoch: int) -> np.ndarray:
+    with self._lock:
+      if epoch not in self._perms:
+        if len(self._perms) >= 2:  # batches straddle at most two epochs
+          self._perms.pop(min(self._perms))
+        dtype = np.int32 if self._n < 2**31 else np.int64
+        self._perms[epoch] = np.random.default_rng([self._seed, epoch]).permutation(self._n).astype(dtype)
+      return self._perms[epoch]
+
+  def block_ids(self, t: int) -> np.ndarray:
+    """(B // P,) indices into the block source for this process's part of global batch t."""
+    positions = int(t) * self._global + self._first + np.arange(self._local)
+    epochs, within = np.divmod(positions, self._n)
+    ids = np.empty(self._local, np.int64)
+    for epoch in np.unique(epochs):
+      sel = epochs == epoch
+      ids[sel] = self._permutation(int(epoch))[within[sel]]
+    return ids
+
+  def __getitem__(self, t: int) -> dict[str, np.ndarray]:
+    return {"tokens": self._blocks.batch(self.block_ids(t))}
+
+  def __getstate__(self):
+    state = dict(self.__dict__)
+    state["_perms"], state["_lock"] = {}, None
+    return state
+
+  def __setstate__(self, state):
+    self.__dict__.update(state)
+    self._lock = threading.Lock()
+
+
+# ----------------------------------------------------------------------------------------------
+# The trainer-facing object
+# ----------------------------------------------------------------------------------------------
+
+def _ensure_absl_flags_parsed() -> None:
+  """Grain's worker processes read absl flags; outside an absl app (tests, notebooks) use defaults."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
+
+
+def _process(process_index: int | None, process_count: int | None) -> tuple[int, int]:
+  if process_index is None or process_count is None:
+    import jax  # pylint: disable=g-import-not-at-top
+    process_index = jax.process_index() if process_index is None else process_index
+    process_count = jax.process_count() if process_count is None else process_count
+  if not 0 <= process_index < process_count:
+    raise ValueError(f"process_index={process_index} must be in [0, process_count={process_count})")
+  return process_index, process_count
+
+
+@dataclasses.dataclass
+class PretrainingData:
+  """Tokenizer, training stream, eval batches and counts for one pretraining run."""
+
+  tokenizer: tokenizers.Tokenizer
+  train_blocks: Blocks  # block i -> {'tokens': (seq_len,)}; .batch(ids) -> (len(ids), seq_len)
+  eval_blocks: Blocks
+  summary: dict[str, Any]
+  seq_len: int
+  batch_size: int  # global
+  seed: int
+  num_eval_batches: int
+  num_workers: int = 0
+  prefetch_batches: int = 4
+
+  def local_batch_size(self, process_count: int) -> int:
+    if self.batch_size % process_count:
+      raise ValueError(f"config.batch_size={self.batch_size} must be divisible by the "
+                       f"{process_count} processes; pick a multiple of {process_count}")
+    return self.batch_size // process_count
+
+  def train_dataset(self, process_index: int | None = None, process_count: int | None = None):
+    """The infinite grain MapDataset of this process's batches (before conversion to an iterator)."""
+    import grain  # pylint: disable=g-import-not-at-top
+    p, count = _process(process_index, process_count)
+    self.local_batch_size(count)  # validates divisibility
+    return grain.MapDataset.source(TrainBatches(self.train_blocks, self.batch_size, p, count, self.seed))
+
+  def train_iterator(self, process_index: int | None = None, process_count: int | None = None):
+    """Infinite shuffled iterator of {'tokens': (batch_size // P, seq_len) int32} for this process.
+
+    A grain DatasetIterator: `get_state()` / `set_state(state)` save and restore the position exactly
+    (save with JSON or orbax's grain checkpoint handler). Defaults to jax.process_index()/count().
+    """
+    import grain  # pylint: disable=g-import-not-at-top
+    ds = self.train_dataset(process_index, process_count)
+    it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=self.prefetch_batches))
+    if self.num_workers > 0:
+      _ensure_absl_flags_parsed()
+      it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=self.num_workers))
+    return iter(it_ds)
+
+  def eval_batches(self, process_index: int | None = None,
+                   process_count: int | None = None) -> list[dict[str, np.ndarray]]:
+    """At most config.eval_batches batches over the eval split, in a fixed order; same on every run.
+
+    Global batch t holds eval rows t*B .. t*B + B - 1 (of a fixed permutation); process p takes its
+    contiguous slice of batch_size // P rows. Past the end of the split rows are all <pad>, which the
+    objectives ignore, so every process yields the same number of batches and nothing is dropped.
+    """
+    p, count = _process(process_index, process_count)
+    local = self.local_batch_size(count)
+    n = len(self.eval_blocks)
+    num = math.ceil(n / self.batch_size)
+    if self.num_eval_batches > 0:
+      num = min(num, self.num_eval_batches)
+    order = np.random.default_rng(EVAL_ORDER_SEED).permutation(n)
+    batches = []
+    for t in range(num):
+      positions = t * self.batch_size + p * local + np.arange(local)
+      real = positions < n
+      rows = np.full((local, self.seq_len), vocab.PAD, np.int32)
+      rows[real] = self.eval_blocks.batch(order[positions[real]])
+      batches.append({"tokens": rows})
+    return batches
+
+
+def _tokenizer_for_run(data_cfg, corpus: builders.Corpus, workdir: str | None) -> tokenizers.Tokenizer:
+  """workdir/tokenizer when present (resume), else built (or reused from the data-side cache) and saved there."""
+  kind = data_cfg.tokenizer
+  run_dir = epath.Path(workdir) / "tokenizer" if workdir else None  # epath: workdirs may be remote
+  if run_dir and (run_dir / tokenizers.CONFIG_FILE).exists():
+    tok = tokenizers.load(run_dir)
+    if tok.kind != kind:
+      raise ValueError(f"{run_dir} holds a {tok.kind!r} tokenizer but config.data.tokenizer={kind!r}; "
+                       "use a fresh workdir (or delete that directory) to change tokenizer")
+    return tok
+  spec = kind if kind == "smiles_regex" else (
+      f"{kind}-v{int(data_cfg.vocab_size)}-n{int(data_cfg.get('spm_max_sentences', 500_000))}")
+  cache_dir = os.path.join(corpus.data_dir, "exlm_tokenizers", corpus.name.replace("/", "__"), spec)
+  tok = tokenizers.build_tokenizer(data_cfg, corpus.train, cache_dir)
+  if run_dir:
+    tokenizers.save_atomic(tok, run_dir)
+  return tok
+
+
+def _check_data_config(data_cfg) -> None:
+  """Fails fast, before any build, on settings that cannot work together."""
+  if data_cfg.name not in ("smiles", "text"):
+    raise ValueError(f"config.data.name={data_cfg.name!r}; choose 'smiles' or 'text'")
+  if data_cfg.tokenizer not in tokenizers.KINDS:
+    raise ValueError(f"unknown config.data.tokenizer {data_cfg.tokenizer!r}; "
+                     f"choose one of {', '.join(tokenizers.KINDS)}")
+  if data_cfg.tokenizer == "smiles_regex" and data_cfg.name != "smiles":
+    raise ValueError("tokenizer 'smiles_regex' reads SMILES only; for data.name='text' use 'sentencepiece'")
+  if data_cfg.name == "smiles" and data_cfg.get("overlong", "truncate") not in ("truncate", "skip"):
+    raise ValueError(f"config.data.overlong={data_cfg.overlong!r}; choose 'truncate' or 'skip'")
+
+
+def load_pretraining_data(config, workdir: str | None) -> PretrainingData:
+  """Builds/opens the corpus, the tokenizer (saved under workdir/tokenizer) and the block sources.
+
+  Uses config.data.*, config.seq_len, config.batch_size (global), config.seed, config.eval_batches.
+  `summary` counts: records_read, skipped_empty / skipped_invalid (build), train/eval records and
+  blocks, skipped_untokenizable, truncated_overlong / skipped_overlong (both splits), vocab_size,
+  eval_rows_used (eval rows that config.eval_batches covers; the rest are never evaluated).
+  """
+  data_cfg = config.data
+  seq_len = int(config.seq_len)
+  if seq_len < 3:
+    raise ValueError(f"config.seq_len={seq_len} leaves no room for content between <s> and </s>; use >= 3")
+  _check_data_config(data_cfg)
+  corpus = builders.build_corpus(data_cfg)
+  tok = _tokenizer_for_run(data_cfg, corpus, workdir)
+  mode = "records" if data_cfg.name == "smiles" else "stream"
+  directory = token_cache(corpus, tok, mode)
+  summary = dict(corpus.summary)
+  summary.update(vocab_size=tok.vocab_size, tokenizer=tok.kind, seq_len=seq_len, token_cache=directory,
+                 skipped_untokenizable=0, truncated_overlong=0, skipped_overlong=0)
+  blocks = {}
+  for split in ("train", "eval"):
+    meta = _read_meta(directory, split)
+    summary[f"{split}_tokens"] = meta["tokens"]
+    summary["unk_tokens"] = summary.get("unk_tokens", 0) + meta["unk_tokens"]
+    if mode == "records":
+      offsets = np.load(os.path.join(directory, f"{split}.offsets.npy"))
+      keep, counts = smiles_keep(offsets, seq_len, data_cfg.overlong)
+      for key, value in counts.items():
+        summary[key] += value
+      blocks[split] = SmilesBlocks(directory, split, seq_len, keep)
+    else:
+      summary["skipped_untokenizable"] += meta["empty"]  # documents that tokenized to nothing
+      blocks[split] = TextBlocks(directory, split, seq_len)
+    summary[f"{split}_blocks"] = len(blocks[split])
+  num_eval_batches = int(config.get("eval_batches", 0))
+  summary["eval_rows_used"] = (summary["eval_blocks"] if num_eval_batches <= 0 else
+                               min(summary["eval_blocks"], num_eval_batches * int(config.batch_size)))
+  if summary["train_blocks"] == 0:
+    raise ValueError(f"no training blocks from {corpus.summary['source']} ({summary}); "
+                     "check config.data.overlong / seq_len and the corpus")
+  if summary["eval_blocks"] == 0:
+    logging.warning("eval split of %s is empty; raise config.data.eval_fraction or set data.eval_path", corpus.name)
+  logging.info("pretraining data: %s", summary)
+  return PretrainingData(
+      tokenizer=tok, train_blocks=blocks["train"], eval_blocks=blocks["eval"], summary=summary,
+      seq_len=seq_len, batch_size=int(config.batch_size), seed=int(config.seed),
+      num_eval_batches=num_eval_batches,
+      num_workers=int(data_cfg.get("num_workers", 0)),
+      prefetch_batches=int(data_cfg.get("prefetch_batches", 4)))
+
+
+def iterator_state_json(iterator) -> str:
+  """The iterator's position as JSON (for trainers that checkpoint it beside the model)."""
+  return json.dumps(iterator.get_state())
+
+
+def restore_iterator_state(iterator, state_json: str) -> None:
+  iterator.set_state(json.loads(state_json))
+
+
+def first_batches(iterator: Iterator[dict[str, np.ndarray]], n: int) -> list[dict[str, np.ndarray]]:
+  """The next `n` batches as a list (tests and debugging)."""
+  return [next(iterator) for _ in range(n)]
