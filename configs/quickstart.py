@@ -14,7 +14,7 @@ def get_config(arg=None):
   config = config_lib.pretrain_config(arg.objective, "small")
   config.model.num_layers, config.model.d_model, config.model.num_heads, config.model.mlp_dim = 2, 128, 4, 512
   config.data = config_lib.data_config("smiles", "rdkit:NCI/first_5K.smi", eval_fraction=0.05)
-  config.seq_len = 64
+  config.seq_len = 96
   config.batch_size = 32
   config.total_steps = arg.steps
   config.warmup_steps = 30

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 import os
-import signal
 import time
 
 import jax
@@ -18,7 +17,7 @@ import ml_collections
 import numpy as np
 
 from exlm_jax import objectives
-from exlm_jax.train import checkpoint, partitioning, reporting, steps
+from exlm_jax.train import checkpoint, distributed, partitioning, reporting, steps
 from exlm_jax.train.reporting import note
 
 
@@ -34,8 +33,8 @@ def validate_config(config, num_devices: int, process_count: int = 1) -> None:
                      f"of the learned position table; raise model.max_positions or shorten seq_len")
   if config.total_steps <= 0:
     raise ValueError(f"total_steps={config.total_steps} must be positive")
-  if not 0 <= config.warmup_steps <= config.total_steps:
-    raise ValueError(f"warmup_steps={config.warmup_steps} must lie in [0, total_steps={config.total_steps}]")
+  if config.warmup_steps < 0:
+    raise ValueError(f"warmup_steps={config.warmup_steps} must be >= 0")
   for field in ("log_every", "eval_every", "checkpoint_every", "grad_accum_steps"):
     if config[field] <= 0:
       raise ValueError(f"{field}={config[field]} must be positive")
@@ -84,30 +83,6 @@ def memory_summary(compiled) -> str:
           f"generated code {gib(mem.generated_code_size_in_bytes)}")
 
 
-class _StopRequest:
-  """SIGTERM (preemption) sets a flag; the loop checkpoints the current step and exits cleanly."""
-
-  def __init__(self):
-    self.requested = False
-    self._previous = None
-
-  def __enter__(self):
-    try:
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
-    except ValueError:  # not in the main thread
-      self._previous = None
-    return self
-
-  def _handle(self, signum, frame):
-    del signum, frame
-    self.requested = True
-
-  def __exit__(self, *exc):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
-    return False
-
-
 def prepare(config, workdir: str):
   """Data, config with the vocabulary size, mesh and TrainSetup for a pretraining run."""
   from exlm_jax.data import pipeline  # pylint: disable=g-import-not-at-top
@@ -116,13 +91,22 @@ def prepare(config, workdir: str):
   config = with_vocab_size(config, data.tokenizer.vocab_size)
   validate_config(config, jax.device_count(), jax.process_count())
   mesh = partitioning.create_mesh(config.mesh)
-  return data, config, steps.TrainSetup.create(config, mesh)
+  setup = steps.TrainSetup.create(config, mesh)
+  _check_sharding(setup)  # scale-out
+  return data, config, setup
+
+
+def _check_sharding(setup: steps.TrainSetup) -> None:
+  """[scale-out] One-line error when FSDP/TP was asked for but parameters stay mostly replicated."""
+  partitioning.assert_params_sufficiently_sharded(setup.abstract_state().params, setup.state_sharding.params,
+                                                  setup.mesh, setup.config)
 
 
 def train_and_evaluate(config, workdir: str) -> dict:
   """Runs (or resumes) pretraining; returns the final metrics written to final_metrics.json."""
   workdir = os.path.abspath(workdir)
   os.makedirs(workdir, exist_ok=True)
+  reporting.quiet_library_logs()
   data, config, setup = prepare(config, workdir)
   note(f"objective {config.objective} | {setup.num_params() / 1e6:.2f}M parameters | "
        f"mesh {dict(setup.mesh.shape)} | {jax.process_count()} process(es), {jax.device_count()} device(s)")
@@ -147,7 +131,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
   eval_batches = None
   window, last_train, last_eval, perf = [], {}, {}, {}
   step = start_step
-  with _StopRequest() as stop:
+  # [scale-out] SIGTERM on any process -> every process saves the same step and stops; in-flight
+  # async saves are waited for (and their errors raised) when the block exits, also on an exception.
+  with distributed.PreemptionWatcher(sync_every=config.log_every) as stop, checkpoint.finishing(manager):
     while step < config.total_steps:
       batch = setup.shard_batch(next(train_iter)["tokens"])
       state, metrics = compiled(state, batch)
@@ -171,14 +157,13 @@ def train_and_evaluate(config, workdir: str) -> dict:
           note(f"eval at step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in last_eval.items()))
           writer.scalars(step, last_eval, prefix="eval/")
         progress.restart_clock(step)
-      if step % config.checkpoint_every == 0 or step == config.total_steps or stop.requested:
+      preempted = stop.reached(step)  # every step, on every process
+      if step % config.checkpoint_every == 0 or step == config.total_steps or preempted:
         checkpoint.save(manager, step, state, train_iter, force=True)
         progress.restart_clock(step)
-      if stop.requested:
-        note(f"SIGTERM received: saved step {step}, exiting cleanly")
+      if preempted:
+        note(f"preemption (SIGTERM, {stop.mechanism}): saving step {step} and exiting cleanly")
         break
-  manager.wait_until_finished()
-  manager.close()
   writer.close()
 
   final = {"step": step, "train": last_train, "eval": last_eval, "perf": perf,
@@ -196,6 +181,7 @@ def compile_only(config, workdir: str) -> str:
     config = with_vocab_size(config, config.model.vocab_size)
     validate_config(config, jax.device_count(), jax.process_count())
     setup = steps.TrainSetup.create(config, partitioning.create_mesh(config.mesh))
+    _check_sharding(setup)  # scale-out
   else:
     _, config, setup = prepare(config, workdir)
   started = time.perf_counter()

@@ -7,9 +7,13 @@ import optax
 
 
 def learning_rate_schedule(config) -> optax.Schedule:
-  """0 -> peak over `warmup_steps`, then linear (fairseq polynomial_decay, power 1) or cosine to 0."""
-  warmup = optax.linear_schedule(0.0, config.learning_rate, max(config.warmup_steps, 1))
-  decay_steps = max(config.total_steps - config.warmup_steps, 1)
+  """0 -> peak over `warmup_steps`, then linear (fairseq polynomial_decay, power 1) or cosine to 0.
+
+  A run shortened with `--config.total_steps` keeps its shape: warm-up is capped at total_steps.
+  """
+  warmup_steps = min(config.warmup_steps, config.total_steps)
+  warmup = optax.linear_schedule(0.0, config.learning_rate, max(warmup_steps, 1))
+  decay_steps = max(config.total_steps - warmup_steps, 1)
   if config.lr_schedule == "linear":
     decay = optax.linear_schedule(config.learning_rate, 0.0, decay_steps)
   elif config.lr_schedule == "cosine":
@@ -18,7 +22,7 @@ def learning_rate_schedule(config) -> optax.Schedule:
     decay = optax.constant_schedule(config.learning_rate)
   else:
     raise ValueError(f"lr_schedule={config.lr_schedule!r}; choose linear, cosine or constant")
-  return optax.join_schedules([warmup, decay], [config.warmup_steps])
+  return optax.join_schedules([warmup, decay], [warmup_steps])
 
 
 def weight_decay_mask(params):

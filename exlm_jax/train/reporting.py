@@ -15,6 +15,12 @@ def note(message: str) -> None:
     print(message, flush=True, file=sys.stdout)
 
 
+def quiet_library_logs() -> None:
+  """Orbax/Grain log every save at INFO through absl; a training run only shows our own lines."""
+  from absl import logging as absl_logging  # pylint: disable=g-import-not-at-top
+  absl_logging.set_verbosity(absl_logging.WARNING)
+
+
 def format_duration(seconds: float) -> str:
   seconds = max(0, int(seconds))
   hours, rest = divmod(seconds, 3600)
@@ -68,10 +74,10 @@ class Progress:
     step_time = seconds / steps
     perf = {"tokens_per_s": self.tokens_per_step / step_time, "step_time_s": step_time}
     eta = format_duration(step_time * (self.total_steps - step))
-    shown = " | ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k in _SHOWN)
+    shown = " | ".join(f"{k} {metrics[k]:.4g}" for k in _SHOWN if k in metrics)
     line = (f"step {step}/{self.total_steps} | {shown} | {perf['tokens_per_s']:,.0f} tok/s | "
             f"{step_time * 1e3:.0f} ms/step | ETA {eta}")
     return line, perf
 
 
-_SHOWN = ("loss", "accuracy", "perplexity", "grad_norm", "learning_rate")
+_SHOWN = ("loss", "accuracy", "perplexity", "grad_norm", "learning_rate")  # in this order
