@@ -1,0 +1,436 @@
+"""ExLM: [MASK] positions expanded into k states, trained with a DAG marginal likelihood.
+
+exlm-reference.md §2-§4 and DESIGN.md §2-§3. Per example, inside the jitted step:
+  1. select m positions (masking.py; <s>, </s>, <pad> never selected) and replace them by [MASK];
+  2. expand E = m + 2 groups -- <s> (slot 0), every masked slot, the final </s> (last real slot) --
+     into k consecutive slots carrying the same token id; the rotary coordinates are (original
+     position, copy index) with copy index 1..k inside a group and 0 for ordinary tokens;
+  3. run the encoder on the expanded sequence, padded to L_max = n + (k - 1) G_max (G_max = M_max + 2);
+  4. gather the k E expanded states into a compact DAG (padded to S_max = k G_max vertices), vertex
+     j = g k + c being copy c of group g; emissions log P_u(y_i) of the targets
+     Y = [<s>, masked tokens in order, </s>] (logits only at the S_max states) and transitions from
+     the gated multi-head link head (reference §3.3);
+  5. per-example loss -log sum_paths P(Y, path) / E (objectives/dag.py); the batch loss is the mean
+     over examples, so `weight` = number of non-empty rows.
+Ablations (`config.exlm`): `num_copies` k; `transitions="ctc"` (w/o transitions: every group explains
+its own target by CTC over its k states, reference §8.4); `positions="rope1d_shared"` (w/o 2-D RoPE:
+copies share the original position, copy index 0 everywhere); `max_transition_length` (sparse DAG).
+Fine-tuning uses only the encoder, without expansion (copy index 0): `encoder_params`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import NamedTuple
+
+import flax.linen as nn
+from flax import traverse_util
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from exlm_jax.data import vocab
+from exlm_jax.models.encoder import Encoder, ModelConfig, _dense, bert_init
+from exlm_jax.models.heads import LMHead
+from exlm_jax.objectives import base, dag
+from exlm_jax.objectives.masking import max_masked, select_masked_positions
+
+Array = jax.Array
+
+TRANSITIONS = ("dag", "ctc")
+POSITIONS = ("rope2d", "rope1d_shared")
+CTC_BLANK = vocab.UNK  # the official CTC variant's blank is <unk>
+
+
+def default_config(**overrides) -> ml_collections.ConfigDict:
+  """The `config.exlm` knobs; absent keys fall back to these."""
+  cfg = ml_collections.ConfigDict(dict(
+      num_copies=4,  # k: states per expanded group (`--ext-state-num`); 1 = one state per target
+      transitions="dag",  # "dag" | "ctc" (ablation "w/o transitions")
+      positions="rope2d",  # "rope2d" | "rope1d_shared" (ablation "w/o 2D RoPE": copy index 0)
+      max_transition_length=-1,  # largest vertex-index jump u -> v (sparse DAG); -1 = unlimited
+      max_link_positions=-1,  # rows of the link head's slot table; -1 = the expanded-length bound
+  ))
+  cfg.update(overrides)
+  return cfg
+
+
+def options(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """`config.exlm` merged over `default_config()`; unknown keys are an error."""
+  opts = default_config()
+  given = config.get("exlm", None)
+  if given is not None:
+    unknown = sorted(set(given) - set(opts))
+    if unknown:
+      raise ValueError(f"unknown config.exlm keys {unknown}; known: {', '.join(sorted(opts))}")
+    opts.update(dict(given))
+  return opts
+
+
+# ----------------------------------------------------------------------------------------------
+# Static sizes and index construction
+# ----------------------------------------------------------------------------------------------
+
+
+def max_groups(mask_prob: float, seq_len: int) -> int:
+  """G_max: expanded groups (= targets) per block: M_max masked slots + <s> + final </s>."""
+  return min(max_masked(mask_prob, seq_len) + 2, seq_len)
+
+
+def max_expanded_length(mask_prob: float, seq_len: int, num_copies: int) -> int:
+  """L_max = n + (k - 1) G_max, the static length of the expanded sequence."""
+  return seq_len + (num_copies - 1) * max_groups(mask_prob, seq_len)
+
+
+class Expansion(NamedTuple):
+  """Index arrays of one expanded batch: L = n + (k - 1) G slots, a DAG of S = k G vertices."""
+
+  tokens: Array  # (B, L) int32 encoder input: [MASK] at masked groups, <pad> in the tail
+  positions: Array  # (B, L) int32 orig(p), the first rotary coordinate
+  copy_index: Array  # (B, L) int32 1..k inside expanded groups, 0 elsewhere
+  is_ext: Array  # (B, L) bool, slot belongs to an expanded group
+  padding_mask: Array  # (B, L) bool, True at <pad>
+  length: Array  # (B,) int32 real expanded length: real tokens + (k - 1) E
+  vertex_slot: Array  # (B, S) int32 slot of vertex g k + c (copy c of group g); 0 when invalid
+  vertex_valid: Array  # (B, S) bool
+  targets: Array  # (B, G) int32 original token of group g: [<s>, masked tokens, </s>]; <pad> after
+  target_valid: Array  # (B, G) bool
+  num_targets: Array  # (B,) int32 E = m + 2 (0 for an all-<pad> row)
+  num_vertices: Array  # (B,) int32 k E
+
+
+def expanded_slots(tokens: Array, is_masked: Array) -> Array:
+  """(B, n) bool: slots expanded into k copies -- slot 0 (<s>), masked slots, the last real slot."""
+  real = tokens != vocab.PAD
+  last = jnp.sum(real, axis=-1) - 1
+  slot = jnp.arange(tokens.shape[1])
+  return real & (is_masked | (slot == 0)[None, :] | (slot[None, :] == last[:, None]))
+
+
+def expand(tokens: Array, is_masked: Array, num_copies: int, num_groups_max: int) -> Expansion:
+  """Builds the expanded sequence and its DAG from token blocks (B, n) and the mask (B, n).
+
+  Widths w_i = 1 + (k - 1) e_i, offsets s_i = sum_{j<i} w_j; slot p belongs to the i with
+  s_i <= p < s_i + w_i and is copy p - s_i + 1 of it if e_i. Gathers only, no scatter.
+  """
+  batch, seq_len = tokens.shape
+  k = num_copies
+  length_max = seq_len + (k - 1) * num_groups_max
+  ext = expanded_slots(tokens, is_masked)
+  width = 1 + (k - 1) * ext.astype(jnp.int32)
+  ends = jnp.cumsum(width, axis=-1)
+  starts = ends - width
+  num_groups = jnp.sum(ext, axis=-1, dtype=jnp.int32)
+  length = jnp.sum(tokens != vocab.PAD, axis=-1, dtype=jnp.int32) + (k - 1) * num_groups
+
+  slot = jnp.arange(length_max, dtype=jnp.int32)
+  orig = jax.vmap(lambda e: jnp.searchsorted(e, slot, side="right"))(ends)  # #{i : ends_i <= p}
+  orig = jnp.minimum(orig, seq_len - 1).astype(jnp.int32)
+  pad = slot[None, :] >= length[:, None]
+  at_orig = lambda a: jnp.take_along_axis(a, orig, axis=1)
+  is_ext = at_orig(ext) & ~pad
+  copy_index = jnp.where(is_ext, slot[None, :] - at_orig(starts) + 1, 0)
+  inputs = jnp.where(is_masked, vocab.MASK, tokens)
+
+  # Groups in slot order: a stable argsort puts the expanded slots first.
+  group_slot = jnp.argsort(~ext, axis=-1, stable=True)[:, :num_groups_max]
+  target_valid = jnp.arange(num_groups_max)[None, :] < num_groups[:, None]
+  targets = jnp.where(target_valid, jnp.take_along_axis(tokens, group_slot, axis=1), vocab.PAD)
+  group_start = jnp.take_along_axis(starts, group_slot, axis=1)
+  vertex_slot = (group_start[:, :, None] + jnp.arange(k)).reshape(batch, k * num_groups_max)
+  vertex_valid = jnp.repeat(target_valid, k, axis=1)
+  return Expansion(
+      tokens=jnp.where(pad, vocab.PAD, at_orig(inputs)),
+      positions=jnp.where(pad, 0, orig),
+      copy_index=copy_index.astype(jnp.int32),
+      is_ext=is_ext,
+      padding_mask=pad,
+      length=length,
+      vertex_slot=jnp.where(vertex_valid, vertex_slot, 0).astype(jnp.int32),
+      vertex_valid=vertex_valid,
+      targets=targets.astype(jnp.int32),
+      target_valid=target_valid,
+      num_targets=num_groups,
+      num_vertices=k * num_groups,
+  )
+
+
+# ----------------------------------------------------------------------------------------------
+# Emissions and transitions
+# ----------------------------------------------------------------------------------------------
+
+
+def target_emissions(logits: Array, targets: Array) -> Array:
+  """emit_logp[b, i, u] = log softmax(logits[b, u])[targets[b, i]]: (B, S, V), (B, G) -> (B, G, S)."""
+  batch, num_vertices, _ = logits.shape
+  index = jnp.broadcast_to(targets[:, None, :], (batch, num_vertices, targets.shape[1]))
+  picked = jnp.take_along_axis(logits, index, axis=-1)  # (B, S, G)
+  logp = picked - jax.nn.logsumexp(logits, axis=-1, keepdims=True)
+  return jnp.swapaxes(logp, 1, 2)
+
+
+def allowed_transitions(vertex_valid: Array, max_transition_length: int = -1) -> Array:
+  """A(u) as a (B, S, S) bool: v > u, both valid, v - u <= max_transition_length (if > 0)."""
+  size = vertex_valid.shape[1]
+  u = jnp.arange(size)[:, None]
+  v = jnp.arange(size)[None, :]
+  forward = v > u
+  if max_transition_length > 0:
+    forward &= v - u <= max_transition_length
+  return forward[None] & vertex_valid[:, :, None] & vertex_valid[:, None, :]
+
+
+def mix_transition_heads(scores: Array, gate_logits: Array, allowed: Array) -> Array:
+  """log E_uv = logsumexp_c [log softmax(G_u)_c + log softmax_{v in A(u)}(s^c_u.)_v].
+
+  scores (B, H, S, S) float32, gate_logits (B, S, H), allowed (B, S, S) -> (B, S, S) float32 with
+  -inf outside A(u); rows with an empty A(u) are all -inf. Masked entries are computed on finite
+  fillers and replaced afterwards, so no NaN reaches values or gradients.
+  """
+  allowed_heads = allowed[:, None]
+  per_head = jax.nn.log_softmax(jnp.where(allowed_heads, scores, jnp.finfo(jnp.float32).min), axis=-1)
+  per_head = jnp.where(allowed_heads, per_head, 0.0)
+  log_gate = jax.nn.log_softmax(gate_logits.astype(jnp.float32), axis=-1)
+  mixed = jax.nn.logsumexp(jnp.swapaxes(log_gate, 1, 2)[..., None] + per_head, axis=1)
+  return jnp.where(allowed, mixed, -jnp.inf)
+
+
+class TransitionHead(nn.Module):
+  """DA-Transformer's gated multi-head link head (reference §3.3), float32 throughout.
+
+  z_u = [h_u ; P(slot_u)] (P: learned table over expanded-sequence slots), Q = z W_Q + b and
+  K = z W_K + b split into H chunks of Dh, gate logits z W_G + b (H), per-chunk scores
+  <Q_u, K_v> / sqrt(Dh). Call: h (B, S, D), slots (B, S), allowed (B, S, S) -> log E (B, S, S).
+  """
+
+  cfg: ModelConfig
+  num_positions: int
+
+  @nn.compact
+  def __call__(self, h: Array, slots: Array, allowed: Array) -> Array:
+    cfg = dataclasses.replace(self.cfg, dtype="float32")
+    table = nn.Embed(self.num_positions, cfg.d_model, param_dtype=jnp.float32,
+                     embedding_init=nn.with_logical_partitioning(bert_init(), ("positions", "embed")),
+                     name="position_embed")
+    z = jnp.concatenate([h.astype(jnp.float32), table(slots)], axis=-1)  # (B, S, 2D)
+    chunks = (cfg.num_heads, cfg.head_dim)
+    q = _dense(chunks, ("embed", "heads", "kv"), cfg, "query")(z)
+    k = _dense(chunks, ("embed", "heads", "kv"), cfg, "key")(z)
+    gate_logits = _dense(cfg.num_heads, ("embed", "heads"), cfg, "gate")(z)
+    scores = jnp.einsum("buhd,bvhd->bhuv", q, k, preferred_element_type=jnp.float32)
+    return mix_transition_heads(scores / math.sqrt(cfg.head_dim), gate_logits, allowed)
+
+
+def group_ctc_log_likelihood(target_logp: Array, blank_logp: Array) -> Array:
+  """CTC of one label over the k states of each group: log sum over blank^a y^b blank^c, b >= 1.
+
+  target_logp, blank_logp (B, G, k) -> (B, G). Enumerates the k (k + 1) / 2 runs [first, last] of
+  the label. A target equal to the blank is scored by the same formula (P(blank) in both roles).
+  """
+  k = target_logp.shape[-1]
+  t = jnp.arange(k)
+  first, last = t[:, None, None], t[None, :, None]
+  in_run = (first <= t) & (t <= last)  # (first, last, frame)
+  frames = jnp.where(in_run, target_logp[..., None, None, :], blank_logp[..., None, None, :])
+  runs = jnp.where(first[..., 0] <= last[..., 0], jnp.sum(frames, axis=-1), -jnp.inf)
+  return jax.nn.logsumexp(runs, axis=(-2, -1))
+
+
+# ----------------------------------------------------------------------------------------------
+# Model
+# ----------------------------------------------------------------------------------------------
+
+
+class ExLMOutputs(NamedTuple):
+  expansion: Expansion
+  hidden: Array  # (B, L, D) encoder output on the expanded sequence
+  logits: Array  # (B, S, V) float32 LM logits at the DAG vertices only
+  emit_logp: Array  # (B, G, S) log P_u(y_i)
+  trans_logp: Array | None  # (B, S, S) log E_uv ("dag"); None for "ctc"
+  per_example_loss: Array  # (B,) -log-likelihood / E; 0 for empty or infeasible rows
+
+
+class ExLMModel(nn.Module):
+  """Encoder + tied LM head + link head; `__call__(tokens (B, n), mask_rng) -> (loss_sum, weight, metrics)`."""
+
+  cfg: ModelConfig
+  mask_prob: float
+  num_copies: int = 4
+  transitions: str = "dag"
+  positions: str = "rope2d"
+  max_transition_length: int = -1
+  max_link_positions: int = -1
+  deterministic: bool = True
+
+  def setup(self):
+    self.encoder = Encoder(self.cfg, self.deterministic, name="encoder")
+    self.lm_head = LMHead(self.cfg, name="lm_head")
+    if self.transitions == "dag":
+      self.transition_head = TransitionHead(self.cfg, self.max_link_positions, name="transition_head")
+
+  def forward(self, tokens: Array, is_masked: Array) -> ExLMOutputs:
+    """Everything for one fixed mask: tokens (B, n) original blocks, is_masked (B, n)."""
+    seq_len = tokens.shape[1]
+    length_max = max_expanded_length(self.mask_prob, seq_len, self.num_copies)
+    if self.transitions == "dag" and self.max_link_positions < length_max:
+      raise ValueError(f"exlm.max_link_positions={self.max_link_positions} < expanded length {length_max}")
+    ex = expand(tokens, is_masked, self.num_copies, max_groups(self.mask_prob, seq_len))
+    copy_index = ex.copy_index if self.positions == "rope2d" else jnp.zeros_like(ex.copy_index)
+    hidden = self.encoder(ex.tokens, ex.positions, copy_index, ex.padding_mask)
+    states = jnp.take_along_axis(hidden, ex.vertex_slot[..., None], axis=1)  # (B, S, D)
+    logits = self.lm_head(states, self.encoder.embedding)
+    emit_logp = target_emissions(logits, ex.targets)
+    # Empty rows get a 1-target, 1-vertex problem so everything stays finite; weighted 0 below.
+    num_targets = jnp.maximum(ex.num_targets, 1)
+    if self.transitions == "dag":
+      allowed = allowed_transitions(ex.vertex_valid, self.max_transition_length)
+      trans_logp = self.transition_head(states, ex.vertex_slot, allowed)
+      num_vertices = jnp.where(ex.num_targets > 0, ex.num_vertices, 1)
+      loss = dag.dag_loss(emit_logp, trans_logp, num_targets, num_vertices)
+    else:
+      trans_logp = None
+      loss = self._ctc_loss(logits, ex, num_targets)
+    loss = jnp.where(ex.num_targets > 0, loss, 0.0)
+    return ExLMOutputs(ex, hidden, logits, emit_logp, trans_logp, loss)
+
+  def _ctc_loss(self, logits: Array, ex: Expansion, num_targets: Array) -> Array:
+    """Per-example -sum_g log CTC(y_g | group g) / E (reference §8.4)."""
+    batch, num_vertices, _ = logits.shape
+    k = self.num_copies
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    vertex_targets = jnp.repeat(ex.targets, k, axis=1)
+    target_logp = jnp.take_along_axis(logits, vertex_targets[..., None], axis=-1)[..., 0] - lse
+    blank_logp = logits[..., CTC_BLANK] - lse
+    grouped = lambda x: x.reshape(batch, num_vertices // k, k)
+    group_ll = group_ctc_log_likelihood(grouped(target_logp), grouped(blank_logp))
+    return -jnp.sum(jnp.where(ex.target_valid, group_ll, 0.0), axis=-1) / num_targets
+
+  def best_alignment(self, tokens: Array, is_masked: Array):
+    """Viterbi alignment ("dag" only): (outputs, score (B,), path (B, S)); path[b, u] = index of the
+    target vertex u emits, -1 if skipped (objectives/dag.py `dag_best_path`)."""
+    if self.transitions != "dag":
+      raise ValueError(f"best_alignment needs exlm.transitions='dag', not {self.transitions!r}")
+    out = self.forward(tokens, is_masked)
+    ex = out.expansion
+    num_vertices = jnp.where(ex.num_targets > 0, ex.num_vertices, 1)
+    score, path = dag.dag_best_path(out.emit_logp, out.trans_logp, jnp.maximum(ex.num_targets, 1), num_vertices)
+    path = jnp.where(ex.vertex_valid, path, -1)
+    return out, jnp.where(ex.num_targets > 0, score, -jnp.inf), path
+
+  def __call__(self, tokens: Array, mask_rng: Array):
+    selection = select_masked_positions(tokens, mask_rng, self.mask_prob)
+    out = self.forward(tokens, selection.is_masked)
+    ex = out.expansion
+    rows = (ex.num_targets > 0).astype(jnp.float32)
+    num_rows = jnp.sum(rows)
+    loss_sum = jnp.sum(out.per_example_loss)
+    metrics = {
+        "loss": (loss_sum, num_rows),
+        "num_targets": (jnp.sum(ex.num_targets.astype(jnp.float32)), num_rows),
+        "expanded_length": (jnp.sum(ex.length.astype(jnp.float32) * rows), num_rows),
+        "length": (jnp.sum((tokens != vocab.PAD).astype(jnp.float32)), num_rows),
+    }
+    return loss_sum, num_rows, metrics
+
+
+# ----------------------------------------------------------------------------------------------
+# Objective plumbing
+# ----------------------------------------------------------------------------------------------
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Raises a one-line ValueError for an ExLM config that cannot work."""
+  opts = options(config)
+  k = opts.num_copies
+  if not isinstance(k, int) or k < 1:
+    raise ValueError(f"exlm.num_copies={k!r}: need an integer k >= 1")
+  if opts.transitions not in TRANSITIONS:
+    raise ValueError(f"exlm.transitions={opts.transitions!r}; choose one of {TRANSITIONS}")
+  if opts.positions not in POSITIONS:
+    raise ValueError(f"exlm.positions={opts.positions!r}; choose one of {POSITIONS}")
+  if config.model.positions != "rope2d":
+    raise ValueError(f"model.positions={config.model.positions!r}: ExLM needs 'rope2d' (copies differ only by "
+                     "the copy-index rotation); use exlm.positions='rope1d_shared' for the no-2D-RoPE ablation")
+  if not 0.0 < config.mask_prob < 1.0:
+    raise ValueError(f"mask_prob={config.mask_prob}: need 0 < mask_prob < 1")
+  jump = opts.max_transition_length
+  if jump != -1 and jump < 2 * k - 1:
+    raise ValueError(f"exlm.max_transition_length={jump}: need -1 (unlimited) or >= 2k-1 = {2 * k - 1}, "
+                     "else a row without masks has no path from the first <s> copy to the last </s> copy")
+  length_max = max_expanded_length(config.mask_prob, config.seq_len, k)
+  if opts.max_link_positions != -1 and opts.max_link_positions < length_max:
+    raise ValueError(f"exlm.max_link_positions={opts.max_link_positions} < the expanded length bound "
+                     f"{length_max} (seq_len={config.seq_len}, k={k}); use -1 to size it automatically")
+
+
+def make_model(config: ml_collections.ConfigDict, deterministic: bool) -> ExLMModel:
+  validate(config)
+  opts = options(config)
+  link_positions = opts.max_link_positions
+  if link_positions == -1:
+    link_positions = max_expanded_length(config.mask_prob, config.seq_len, opts.num_copies)
+  return ExLMModel(
+      cfg=base.model_config(config),
+      mask_prob=config.mask_prob,
+      num_copies=opts.num_copies,
+      transitions=opts.transitions,
+      positions=opts.positions,
+      max_transition_length=opts.max_transition_length,
+      max_link_positions=link_positions,
+      deterministic=deterministic,
+  )
+
+
+def infer_model_config(encoder_tree) -> ModelConfig:
+  """The ModelConfig an Encoder param tree was built with, read off its parameter shapes."""
+  tree = nn.unbox(encoder_tree)
+  try:
+    vocab_size, d_model = tree["token_embed"]["embedding"].shape
+    stack = tree["stack"]
+    scanned = "layers" in stack
+    block = stack["layers"] if scanned else stack["layer_0"]
+    lead = 1 if scanned else 0  # scanned blocks stack their params on a leading layer axis
+    num_layers = block["mlp"]["wi"]["kernel"].shape[0] if scanned else sum(n.startswith("layer_") for n in stack)
+    num_heads = block["attention"]["query"]["kernel"].shape[lead + 1]
+    mlp_dim = block["mlp"]["wi"]["kernel"].shape[-1]
+  except (KeyError, TypeError, AttributeError, IndexError, ValueError) as e:
+    raise ValueError(f"cannot read an Encoder's shape off these params ({type(e).__name__}: {e}); "
+                     "pass config= to encoder_params") from None
+  extra = {}
+  positions = "rope2d"
+  if "pos_embed" in tree:
+    positions = "absolute+relbias" if "rel_bias" in tree else "absolute"
+    extra["max_positions"] = tree["pos_embed"]["embedding"].shape[0]
+  if "rel_bias" in tree:
+    extra["rel_pos_bins"] = tree["rel_bias"].shape[0]
+  return ModelConfig(vocab_size=vocab_size, num_layers=num_layers, d_model=d_model, num_heads=num_heads,
+                     mlp_dim=mlp_dim, pre_ln="final_ln" in stack, positions=positions,
+                     embed_layernorm="embed_ln" in tree, scan_layers=scanned, **extra)
+
+
+def encoder_params(params, config: ml_collections.ConfigDict | None = None):
+  """The 'encoder' sub-tree of ExLM pretraining params, checked against a fresh Encoder's params.
+
+  The link head and LM head are left behind; fine-tuning runs the encoder without expansion (copy
+  index 0). With `config`, the expected structure comes from `config.model`; without, from the
+  sub-tree's own shapes. Raises ValueError listing missing / unexpected / mis-shaped entries.
+  """
+  tree = base.encoder_subtree(params)
+  model_cfg = base.model_config(config) if config is not None else infer_model_config(tree)
+  expected = jax.eval_shape(
+      lambda: Encoder(model_cfg).init(jax.random.PRNGKey(0), jnp.zeros((1, 2), jnp.int32))["params"])
+  flat = lambda t: {"/".join(path): leaf.shape for path, leaf in traverse_util.flatten_dict(nn.unbox(t)).items()}
+  want, got = flat(expected), flat(tree)
+  missing = sorted(set(want) - set(got))
+  unexpected = sorted(set(got) - set(want))
+  mismatched = sorted(f"{key} {got[key]} != {want[key]}" for key in set(want) & set(got)
+                      if tuple(got[key]) != tuple(want[key]))
+  if missing or unexpected or mismatched:
+    raise ValueError(f"'encoder' params do not match an Encoder: missing {missing}, unexpected {unexpected}, "
+                     f"mis-shaped {mismatched}")
+  return tree
+
+
+OBJECTIVE = base.register(base.Objective(
+    name="exlm", make_model=make_model, encoder_params=encoder_params, validate=validate))
