@@ -1,17 +1,25 @@
-"""Quickstart: pretrain a small masked-LM encoder on the SMILES file RDKit ships, offline, on CPU.
+"""Quickstart: pretrain a small ExLM encoder on the SMILES file RDKit ships, offline, on CPU.
 
   pip install -e . && python main.py --config configs/quickstart.py --workdir runs/quickstart
+  python main.py --config configs/quickstart.py:objective=mlm --workdir runs/quickstart_mlm    # baselines
+  python main.py --config configs/quickstart.py:objective=maelm --workdir runs/quickstart_maelm
 
 Data: rdkit.RDConfig.RDDataDir/NCI/first_5K.smi (5,000 molecules; nothing to download).
 Takes a few minutes on 2 CPU cores; writes checkpoints, TensorBoard events and final metrics.
 """
 
 from exlm_jax import config_lib
+from exlm_jax.objectives import exlm, maelm
 
 
 def get_config(arg=None):
-  arg = config_lib.parse_arg(arg, objective="mlm", steps=300)
+  arg = config_lib.parse_arg(arg, objective="exlm", steps=300)
   config = config_lib.pretrain_config(arg.objective, "small")
+  if arg.objective == "exlm":
+    config.exlm = exlm.default_config(num_copies=4)
+  if arg.objective == "maelm":  # MAE-LM's encoder: post-LN, embedding LN, absolute + relative positions
+    config.model.update(pre_ln=False, positions="absolute+relbias", embed_layernorm=True)
+    config.maelm = maelm.default_config(decoder_layers=2)
   config.model.num_layers, config.model.d_model, config.model.num_heads, config.model.mlp_dim = 2, 128, 4, 512
   config.data = config_lib.data_config("smiles", "rdkit:NCI/first_5K.smi", eval_fraction=0.05)
   config.seq_len = 96
