@@ -1,0 +1,29 @@
+"""MAE-LM large++ (maelm-reference §2.6): 24-layer 1024-wide post-LN encoder, 4-layer decoder of the same
+width, relative bias 128 bins / max distance 256, 160 GB RoBERTa corpus (set --config.data.path).
+
+  python main.py --config configs/maelm_large.py --config.data.path=/data/roberta160g.txt \
+      --config.mesh.fsdp=8 --workdir gs://bucket/maelm_large_pp
+
+Optimisation follows the released base run script (the large++ schedule is not retrieved; see
+configs/maelm_base.py). The vocabulary size (64k cased BPE) is [INFER].
+"""
+
+import importlib.util
+import pathlib
+
+from exlm_jax import config_lib
+
+
+def _recipe():
+  """configs/maelm_base.py, loaded by path (configs/ is not a package), for its `reference_config`."""
+  spec = importlib.util.spec_from_file_location("maelm_base", pathlib.Path(__file__).with_name("maelm_base.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.reference_config
+
+
+def get_config(arg=None):
+  config_lib.parse_arg(arg)  # no arguments; rejects typos
+  config = _recipe()("large", 64_000, rel_pos_bins=128, max_rel_pos=256)
+  config.model.remat = "dots"  # 24 layers x 512 tokens x 2048 sequences: keep activations in check
+  return config
