@@ -2,11 +2,21 @@
 
   python main.py --config configs/quickstart.py --workdir runs/quickstart
   python main.py --config configs/exlm_smiles_small.py:size=tiny --config.total_steps=20 --workdir runs/x
-  python main.py --config configs/mlm_base.py --workdir runs/mlm --mode=compile_only
+  python main.py --config configs/mlm_base.py --workdir runs/mlm --mode=compile_only --fake_devices=8
 
 Pretraining configs (they have `objective`) run `exlm_jax.train.loop.train_and_evaluate`;
 fine-tuning configs (they have `finetune`) run `exlm_jax.finetune.loop.run`.
+
+Several processes (launch/README.md): on a TPU VM pod slice (`--worker=all`), under `srun`, or
+under `mpirun`, every process runs the same command and `jax.distributed` configures itself. Anywhere
+else give each process the coordinator, e.g. two processes on one machine:
+  python main.py ... --coordinator_address=127.0.0.1:12345 --num_processes=2 --process_id=0
+  python main.py ... --coordinator_address=127.0.0.1:12345 --num_processes=2 --process_id=1
+(or JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID). Each process prints
+`process i/n | local / global devices` first; the workdir must be a path every process can reach.
 """
+
+import os
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -16,21 +26,45 @@ config_flags.DEFINE_config_file("config", None, "Config file, optionally with ':
 flags.DEFINE_string("workdir", None, "Where checkpoints, TensorBoard events and metrics are written.")
 flags.DEFINE_enum("mode", "train", ["train", "compile_only"],
                   "train: run (and resume) the job; compile_only: compile the train step and print memory.")
+flags.DEFINE_enum("distributed", os.environ.get("EXLM_DISTRIBUTED", "auto"), ["auto", "on", "off"],
+                  "auto: start jax.distributed on TPU VMs, under srun/mpirun, or when a coordinator is "
+                  "given; on: always; off: never (env EXLM_DISTRIBUTED).")
+flags.DEFINE_string("coordinator_address", None, "HOST:PORT of process 0 (env JAX_COORDINATOR_ADDRESS).")
+flags.DEFINE_integer("num_processes", None, "Number of processes (env JAX_NUM_PROCESSES).")
+flags.DEFINE_integer("process_id", None, "This process's index in [0, num_processes) (env JAX_PROCESS_ID).")
+flags.DEFINE_string("local_device_ids", None, "Comma-separated local device ids this process uses "
+                    "(env JAX_LOCAL_DEVICE_IDS); e.g. all GPUs of a node when running one process per node.")
+flags.DEFINE_integer("initialization_timeout", 300, "Seconds to wait for every process to join.")
+flags.DEFINE_integer("fake_devices", 0, "Run on CPU with this many fake devices (AOT memory checks, debugging).")
 flags.mark_flags_as_required(["config", "workdir"])
+
+
+def _start_jax() -> None:
+  """Fake devices and jax.distributed, before anything asks JAX for devices; then who we are."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from exlm_jax.train import distributed  # pylint: disable=g-import-not-at-top
+
+  if FLAGS.fake_devices:
+    jax.config.update("jax_platforms", "cpu")
+    jax.config.update("jax_num_cpu_devices", FLAGS.fake_devices)
+  args = distributed.DistributedArgs.from_env(
+      mode=FLAGS.distributed, coordinator_address=FLAGS.coordinator_address,
+      num_processes=FLAGS.num_processes, process_id=FLAGS.process_id,
+      local_device_ids=FLAGS.local_device_ids, initialization_timeout=FLAGS.initialization_timeout)
+  how = distributed.initialize(args)
+  print(distributed.describe(how), flush=True)
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  import jax  # pylint: disable=g-import-not-at-top  (after flags, before anything uses devices)
-
+  _start_jax()
   config = FLAGS.config
   if "finetune" in config:
     from exlm_jax.finetune import loop as finetune_loop  # pylint: disable=g-import-not-at-top
     finetune_loop.run(config, FLAGS.workdir)
     return
   from exlm_jax.train import loop  # pylint: disable=g-import-not-at-top
-  del jax
   if FLAGS.mode == "compile_only":
     loop.compile_only(config, FLAGS.workdir)
   else:

@@ -127,8 +127,11 @@ def pretrain_config(objective: str = "mlm", size: str = "small", **overrides) ->
   cfg.checkpoint_every = 1000
   cfg.keep_checkpoints = 3
   cfg.async_checkpointing = True
-  cfg.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
-  cfg.logical_axis_rules = ()  # empty = exlm_jax.models.encoder.logical_axis_rules_default()
+  # ICI axis sizes (-1 = the rest) and DCN sizes across slices / hosts (hybrid mesh when > 1).
+  cfg.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, dcn_data=1, dcn_fsdp=1))
+  cfg.sharding = "fsdp_tp"  # "dp" | "fsdp" | "fsdp_tp" logical-rule presets (same rules; sizes pick)
+  cfg.sharding_tolerance = 0.25  # fail if a device holds > (1 + tol) * params / (fsdp * tensor)
+  cfg.logical_axis_rules = ()  # non-empty overrides the preset
   cfg.data = data_config()
   cfg.mlm = ml_collections.ConfigDict(dict(bert_corruption=False))
   cfg.update(overrides)
