@@ -17,6 +17,7 @@ else give each process the coordinator, e.g. two processes on one machine:
 """
 
 import os
+import sys
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -36,6 +37,7 @@ flags.DEFINE_string("local_device_ids", None, "Comma-separated local device ids 
                     "(env JAX_LOCAL_DEVICE_IDS); e.g. all GPUs of a node when running one process per node.")
 flags.DEFINE_integer("initialization_timeout", 300, "Seconds to wait for every process to join.")
 flags.DEFINE_integer("fake_devices", 0, "Run on CPU with this many fake devices (AOT memory checks, debugging).")
+flags.DEFINE_bool("traceback", False, "Show the full traceback of a configuration or data error instead of one line.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -55,11 +57,23 @@ def _start_jax() -> None:
   print(distributed.describe(how), flush=True)
 
 
+# What bad input raises (config validation, missing files, unreadable data): shown as one line.
+USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, FileExistsError)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  try:
+    _run(FLAGS.config)
+  except USER_ERRORS as e:
+    if FLAGS.traceback:
+      raise
+    sys.exit(f"error: {type(e).__name__}: {e} (rerun with --traceback for the full trace)")
+
+
+def _run(config) -> None:
   _start_jax()
-  config = FLAGS.config
   if "finetune" in config:
     from exlm_jax.finetune import loop as finetune_loop  # pylint: disable=g-import-not-at-top
     finetune_loop.run(config, FLAGS.workdir)

@@ -45,4 +45,6 @@ def test_cli_reports_bad_config_in_one_line(tmp_path):
                            "--config", "configs/quickstart.py", "--config.mask_prob=1.5"],
                           capture_output=True, text=True, env=env, timeout=600, cwd=REPO)
   assert result.returncode != 0
-  assert "mask_prob=1.5 must lie in (0, 1)" in result.stderr
+  assert "Traceback" not in result.stderr, result.stderr[-3000:]
+  last_line = result.stderr.strip().splitlines()[-1]
+  assert last_line.startswith("error: ") and "mask_prob=1.5 must lie in (0, 1)" in last_line, last_line
