@@ -5,7 +5,7 @@
   python main.py --config configs/maelm_smiles_small.py:positions=rope2d --workdir /tmp/maelm_smiles_rope
 
 Arguments: size=small|tiny (tiny: 2-layer width-32 encoder, 2-layer decoder, 2000 molecules: for tests),
-positions=absolute+relbias (the paper's) | rope2d.
+positions=absolute+relbias (the paper's) | rope2d, max_examples (rows read from MOSES).
 The sweep (`get_sweep`) varies the decoder depth and the position alignment of the encoder.
 """
 
@@ -16,7 +16,7 @@ from exlm_jax.objectives import maelm
 
 
 def get_config(arg=None):
-  arg = config_lib.parse_arg(arg, size="small", positions="absolute+relbias")
+  arg = config_lib.parse_arg(arg, size="small", positions="absolute+relbias", max_examples=200_000)
   config = config_lib.pretrain_config("maelm", arg.size)
   # MAE-LM's encoder (maelm-reference §2.1-2.4): post-LN, embedding LayerNorm, absolute + relative positions.
   config.model.update(pre_ln=False, positions=arg.positions, embed_layernorm=True,
@@ -24,8 +24,9 @@ def get_config(arg=None):
   config.maelm = maelm.default_config()
   config.seq_len = 64  # MOSES SMILES are at most 57 characters, so every molecule fits with <s> and </s>
   config.mask_prob = 0.15
-  config.data = config_lib.data_config("smiles", "$DATA/smiles/moses/train.csv.gz", column="SMILES",
-                                       max_examples=200_000)
+  config.data = config_lib.data_config(
+      "smiles", "$DATA/smiles/moses/train.csv.gz", column="SMILES", max_examples=arg.max_examples,
+      eval_path="$DATA/smiles/moses/test.csv.gz")
   # Reference optimiser (§5.2): Adam (0.9, 0.98), eps 1e-6, decoupled wd 0.01, clip 2.0, linear decay;
   # peak LR / warm-up / horizon scaled down from 2e-4 / 10k / 2M at 2048 x 512 tokens.
   config.batch_size = 128
