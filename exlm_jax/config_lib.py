@@ -71,6 +71,7 @@ def model_config(size: str = "small", **overrides) -> ml_collections.ConfigDict:
       rope_theta=10000.0,
       dropout_rate=0.1,
       attention_dropout_rate=0.1,
+      attention_impl="xla",  # fused attention kernel when no attention dropout: "xla" | "cudnn" (GPU, bf16)
       dtype="float32",  # activations; "bfloat16" for the fast path. Params stay float32.
       remat="none",  # "none" | "full" | "dots" (jax.checkpoint_policies.dots_saveable)
       scan_layers=False,
@@ -127,6 +128,10 @@ def pretrain_config(objective: str = "mlm", size: str = "small", **overrides) ->
   cfg.checkpoint_every = 1000
   cfg.keep_checkpoints = 3
   cfg.async_checkpointing = True
+  # jax.profiler trace of the updates profile_start_step+1 .. profile_start_step+profile_num_steps into
+  # workdir/profile (TensorBoard's profile tab / xprof); -1 = off. Start after compile and warm-up, e.g. 10.
+  cfg.profile_start_step = -1
+  cfg.profile_num_steps = 3
   # ICI axis sizes (-1 = the rest) and DCN sizes across slices / hosts (hybrid mesh when > 1).
   cfg.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, dcn_data=1, dcn_fsdp=1))
   cfg.sharding = "fsdp_tp"  # "dp" | "fsdp" | "fsdp_tp" logical-rule presets (same rules; sizes pick)

@@ -51,6 +51,7 @@ class ModelConfig:
   rope_theta: float = 10000.0
   dropout_rate: float = 0.1
   attention_dropout_rate: float = 0.1
+  attention_impl: str = "xla"
   dtype: str = "float32"
   remat: str = "none"
   scan_layers: bool = False
@@ -77,6 +78,8 @@ class ModelConfig:
       raise ValueError(f"rope2d needs a head width divisible by 4, got {self.head_dim}")
     if self.dtype not in _DTYPES:
       raise ValueError(f"model.dtype={self.dtype!r}; choose one of {tuple(_DTYPES)}")
+    if self.attention_impl not in ("xla", "cudnn"):
+      raise ValueError(f"model.attention_impl={self.attention_impl!r}; choose 'xla' or 'cudnn' (GPU, bf16/fp16)")
     if self.remat != "none" and self.remat not in _REMAT_POLICIES:
       raise ValueError(f"model.remat={self.remat!r}; choose 'none' or one of {tuple(_REMAT_POLICIES)}")
 
@@ -220,7 +223,7 @@ class Attention(nn.Module):
     q = constrain(q, "activation_batch", "activation_length", "activation_heads", "activation_kv")
     k = constrain(k, "activation_batch", "activation_length", "activation_heads", "activation_kv")
     if self.deterministic or cfg.attention_dropout_rate == 0.0:
-      out = jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask)
+      out = jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, implementation=cfg.attention_impl)
     else:
       out = self._attention_with_dropout(q, k, v, mask, bias)
     return _dense(cfg.d_model, ("heads", "kv", "embed"), cfg, "out", contract=2)(out)

@@ -14,9 +14,10 @@ Conventions (the usual "model FLOPs", as MaxText and the PaLM paper count them):
     where logits are computed (masked positions / DAG vertices only).
 
 `train_flops_per_step(config)` is for the global batch (`config.batch_size` sequences); divide by
-the number of devices for per-device numbers. `dot_flops(jaxpr)` counts matmul FLOPs of a traced
-program exactly, which tests/test_flops.py compares with the analytic matmul count; XLA's
-`cost_analysis()['flops']` is larger by the elementwise ops it also counts (see `xla_flops`).
+the number of devices for per-device numbers (`perf_metrics`). `dot_flops(jaxpr)` counts the matmul
+FLOPs of a traced program exactly, and tests/test_flops.py checks it equals the analytic matmul count;
+XLA's `cost_analysis()['flops']` of the compiled step is larger by the elementwise ops it also counts
+(see `xla_flops`).
 """
 
 from __future__ import annotations
@@ -26,7 +27,6 @@ import math
 from typing import Any
 
 import jax
-import numpy as np
 
 # Dense bf16 peak FLOP/s per device (vendor specs; anchors.md §6). Matched in order against
 # `device.device_kind`, case-insensitively, so more specific names come first.
@@ -216,6 +216,11 @@ def train_flops_per_step(config, include_remat: bool = False) -> float:
   return breakdown(config, include_remat).total
 
 
+def has_model(objective: str) -> bool:
+  """Whether `breakdown` knows `objective` (the trainer omits TFLOP/s and MFU for one it does not)."""
+  return objective in _OBJECTIVES
+
+
 # ----------------------------------------------------------------------------------------------
 # Peaks and utilisation
 # ----------------------------------------------------------------------------------------------
@@ -306,12 +311,3 @@ def dot_flops(jaxpr) -> float:
     inner = sum(dot_flops(sub) for value in eqn.params.values() for sub in _sub_jaxprs(value))
     total += inner * (eqn.params["length"] if name == "scan" else 1)
   return total
-
-
-def train_step_dot_flops(setup) -> float:
-  """Exact matmul FLOPs of `setup`'s train step (a steps.TrainSetup), from its jaxpr (no compile)."""
-  config = setup.config
-  tokens = jax.ShapeDtypeStruct((config.batch_size, config.seq_len), np.int32)
-  with setup.context():
-    closed = jax.make_jaxpr(setup._train_step)(setup.abstract_state(), tokens)  # pylint: disable=protected-access
-  return dot_flops(closed)

@@ -17,7 +17,7 @@ import ml_collections
 import numpy as np
 
 from exlm_jax import objectives
-from exlm_jax.train import checkpoint, distributed, partitioning, reporting, steps
+from exlm_jax.train import checkpoint, distributed, flops, partitioning, reporting, steps
 from exlm_jax.train.reporting import note
 
 
@@ -35,6 +35,9 @@ def validate_config(config, num_devices: int, process_count: int = 1) -> None:
     raise ValueError(f"total_steps={config.total_steps} must be positive")
   if config.warmup_steps < 0:
     raise ValueError(f"warmup_steps={config.warmup_steps} must be >= 0")
+  if config.get("profile_start_step", -1) >= 0 and config.get("profile_num_steps", 3) <= 0:
+    raise ValueError(f"profile_num_steps={config.profile_num_steps} must be positive when profiling "
+                     f"(profile_start_step={config.profile_start_step}); or set profile_start_step=-1")
   for field in ("log_every", "eval_every", "checkpoint_every", "grad_accum_steps"):
     if config[field] <= 0:
       raise ValueError(f"{field}={config[field]} must be positive")
@@ -83,6 +86,65 @@ def memory_summary(compiled) -> str:
           f"generated code {gib(mem.generated_code_size_in_bytes)}")
 
 
+class ProfileWindow:
+  """Captures a `jax.profiler` trace of updates start+1 .. start+num_steps into `log_dir` (start < 0: off).
+
+  `before(step)` is called before running update step+1 and `after(step)` once `step` updates are done;
+  the trace stops after the window's last update has finished on the device (the one extra host sync).
+  """
+
+  def __init__(self, log_dir: str, start: int, num_steps: int):
+    self.log_dir, self.start, self.stop = log_dir, start, start + max(num_steps, 1)
+    self.active = False
+
+  def before(self, step: int) -> None:
+    if self.start >= 0 and step == self.start and not self.active:
+      jax.profiler.start_trace(self.log_dir)
+      self.active = True
+
+  def after(self, step: int, outputs) -> bool:
+    """True when the trace was just written (so the caller can restart its clock)."""
+    if not self.active or step < self.stop:
+      return False
+    jax.block_until_ready(outputs)
+    self.close()
+    note(f"profile of steps {self.start + 1}-{self.stop} written to {self.log_dir} "
+         f"(tensorboard --logdir {self.log_dir})")
+    return True
+
+  def close(self) -> None:
+    if self.active:
+      jax.profiler.stop_trace()
+      self.active = False
+
+  def __enter__(self) -> "ProfileWindow":
+    return self
+
+  def __exit__(self, *exc) -> bool:
+    self.close()  # a run that ended (or failed) inside the window
+    return False
+
+
+def perf_reporter(config):
+  """(perf dict with step_time_s) -> (extra metrics, text for the progress line): model TFLOP/s per device
+  from the analytic FLOPs of `config.objective` (train/flops.py) and MFU against the device's peak
+  (omitted where the peak is unknown, e.g. CPU, or the objective has no FLOPs model)."""
+  if not flops.has_model(config.objective):
+    return lambda perf: ({}, "")
+  flops_per_step = flops.train_flops_per_step(config)
+  peak = flops.peak_flops_per_device(jax.devices()[0])
+  num_devices = jax.device_count()
+
+  def report(perf: dict) -> tuple[dict, str]:
+    extra = flops.perf_metrics(flops_per_step, perf["step_time_s"], num_devices, peak)
+    text = f"{extra['tflops_per_device']:.3g} TFLOP/s/device"
+    if "mfu" in extra:
+      text += f" | MFU {100 * extra['mfu']:.1f}%"
+    return extra, text
+
+  return report
+
+
 def prepare(config, workdir: str):
   """Data, config with the vocabulary size, mesh and TrainSetup for a pretraining run."""
   from exlm_jax.data import pipeline  # pylint: disable=g-import-not-at-top
@@ -128,15 +190,21 @@ def train_and_evaluate(config, workdir: str) -> dict:
   writer = reporting.Writer(os.path.join(workdir, "tensorboard"))
   tokens_per_step = config.batch_size * config.seq_len
   progress = reporting.Progress(config.total_steps, tokens_per_step, start_step)
+  flops_report = perf_reporter(config)
+  profile = ProfileWindow(os.path.join(workdir, "profile"), config.get("profile_start_step", -1),
+                          config.get("profile_num_steps", 3))
   eval_batches = None
   window, last_train, last_eval, perf = [], {}, {}, {}
   step = start_step
   # [scale-out] SIGTERM on any process -> every process saves the same step and stops; in-flight
   # async saves are waited for (and their errors raised) when the block exits, also on an exception.
-  with distributed.PreemptionWatcher(sync_every=config.log_every) as stop, checkpoint.finishing(manager):
+  with (distributed.PreemptionWatcher(sync_every=config.log_every) as stop, checkpoint.finishing(manager),
+        profile):
     while step < config.total_steps:
       batch = setup.shard_batch(next(train_iter)["tokens"])
-      state, metrics = compiled(state, batch)
+      profile.before(step)
+      with jax.profiler.StepTraceAnnotation("train", step_num=step + 1):
+        state, metrics = compiled(state, batch)
       step += 1
       window.append(metrics)
       if step % config.log_every == 0 or step == config.total_steps:
@@ -148,7 +216,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
           raise FloatingPointError(f"loss became {last_train['loss']} at step {step}; lower the learning "
                                    "rate or enable grad_clip_norm")
         line, perf = progress.report(step, last_train)
-        note(line)
+        extra, text = flops_report(perf)
+        perf.update(extra)
+        note(f"{line} | {text}" if text else line)
         writer.scalars(step, {**last_train, **perf}, prefix="train/")
       if step % config.eval_every == 0 or step == config.total_steps:
         eval_batches = eval_batches if eval_batches is not None else list(data.eval_batches())
@@ -157,6 +227,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
           note(f"eval at step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in last_eval.items()))
           writer.scalars(step, last_eval, prefix="eval/")
         progress.restart_clock(step)
+      if profile.after(step, (state, metrics)):
+        progress.restart_clock(step)  # writing the trace is not training time
       preempted = stop.reached(step)  # every step, on every process
       if step % config.checkpoint_every == 0 or step == config.total_steps or preempted:
         checkpoint.save(manager, step, state, train_iter, force=True)

@@ -1,0 +1,326 @@
+"""Times the jitted train step of MLM, MAE-LM and ExLM(k): step time, tokens/s, ratio to MLM, DAG share.
+
+  python bench/step_time.py --size small --seq_len 128 --batch 16             # mlm, maelm, exlm k=1,2,4,8
+  python bench/step_time.py --objective mlm --objective maelm --objective maelm:decoder_layers=1
+  python bench/step_time.py --objective mlm --objective exlm --k 4 --size base --dtype bfloat16 \
+      --seq_len 512 --batch 64 --json out.json
+  python bench/step_time.py --objective mlm --data_path '$DATA/text/agnews/dev.tsv'   # input- or compute-bound?
+
+Each row is a real pretraining config (`config_lib.pretrain_config(objective, size)` + the objective's
+default block; `--set dotted.key=value` overrides, where a key under another objective's block, e.g.
+`maelm.decoder_layers`, only touches that objective's rows). The step is the trainer's own
+(`TrainSetup.compile_train_step`: AOT-compiled, state donated, masking inside the step) on full-length
+synthetic blocks `<s> x ... x </s>`. All rows are compiled and warmed up first, then timed round-robin
+(`--rounds` x `--steps`, each step ended by `block_until_ready`) so load drifting on a shared host hits
+every row alike; the table shows the median.
+
+Columns: step ms (median), tokens/s (batch x seq_len original tokens, as the trainer's progress line),
+xMLM (step-time ratio to the MLM row), CPU ms + xMLM (CPU only: process CPU time per step over all
+threads, steadier than wall time when other jobs share the host), GFLOP (analytic model FLOPs per step,
+exlm_jax/train/flops.py), TFLOP/s per device, MFU (device peak from `flops.PEAK_FLOPS`, none on CPU),
+DAG % (ExLM: the DAG loss forward+backward timed alone on the step's shapes, over the step time) and
+mem MiB (XLA temp + argument bytes of the compiled step, per device).
+--profile DIR writes a jax.profiler trace of 3 steps per row (open with TensorBoard / xprof).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from exlm_jax import config_lib
+from exlm_jax.data import vocab
+from exlm_jax.objectives import dag, masking
+from exlm_jax.train import flops, partitioning, steps
+
+OBJECTIVES = ("mlm", "maelm", "exlm")
+DEFAULT_VOCAB = {"tiny": 1000, "small": 8000, "base": 32768, "large": 32768}
+
+
+# -- configs and inputs -------------------------------------------------------------------------
+
+
+def _typed(old, text: str):
+  """`text` converted to the type of the config value `old` it replaces."""
+  if isinstance(old, bool):
+    if text.lower() not in ("true", "false", "1", "0"):
+      raise ValueError(f"expected true/false, got {text!r}")
+    return text.lower() in ("true", "1")
+  return type(old)(text) if isinstance(old, (int, float)) else text
+
+
+def apply_overrides(config, overrides: list[str]):
+  """`--set a.b=value` overrides; keys under another objective's block are skipped for this row."""
+  for item in overrides:
+    key, sep, text = item.partition("=")
+    if not sep:
+      raise ValueError(f"--set {item!r}: expected dotted.key=value, e.g. --set model.remat=full")
+    *parents, leaf = key.split(".")
+    if parents and parents[0] in OBJECTIVES and parents[0] != config.objective:
+      continue
+    node = config
+    for name in parents:
+      node = node[name]
+    if leaf not in node:
+      raise ValueError(f"--set {item!r}: config has no key {key!r}")
+    node[leaf] = _typed(node[leaf], text)
+  return config
+
+
+def make_config(objective: str, k: int | None, overrides: list[str], args):
+  """The pretraining config of one benchmark row."""
+  config = config_lib.pretrain_config(objective, args.size)
+  if objective == "maelm":
+    from exlm_jax.objectives import maelm  # pylint: disable=g-import-not-at-top
+    config.maelm = maelm.default_config()
+  if objective == "exlm":
+    from exlm_jax.objectives import exlm  # pylint: disable=g-import-not-at-top
+    config.exlm = exlm.default_config(num_copies=k)
+  config.model.update(vocab_size=args.vocab or DEFAULT_VOCAB[args.size], dtype=args.dtype, remat=args.remat)
+  config.seq_len, config.batch_size = args.seq_len, args.batch
+  config.warmup_steps = 1
+  return apply_overrides(config, overrides)
+
+
+def synthetic_blocks(batch: int, seq_len: int, vocab_size: int, seed: int) -> np.ndarray:
+  """(batch, seq_len) int32 full-length blocks `<s> x ... x </s>`, x uniform over non-special tokens."""
+  rng = np.random.default_rng(seed)
+  tokens = rng.integers(vocab.NUM_SPECIAL, vocab_size, size=(batch, seq_len), dtype=np.int32)
+  tokens[:, 0], tokens[:, -1] = vocab.BOS, vocab.EOS
+  return tokens
+
+
+def dag_inputs(config, k: int):
+  """ExLM-shaped DAG inputs: emit (B, G, S), trans (B, S, S) log-softmax over later vertices,
+  num_targets (B,) = m + 2, num_vertices (B,) = k (m + 2); G = M_max + 2, S = k G, m = round(p n)."""
+  batch, n = config.batch_size, config.seq_len
+  groups = masking.max_masked(config.mask_prob, n) + 2
+  size = k * groups
+  key_e, key_t = jax.random.split(jax.random.key(0))
+  num_targets = jnp.full((batch,), min(round(config.mask_prob * n), groups - 2) + 2, jnp.int32)
+  num_vertices = k * num_targets
+  valid = jnp.arange(size)[None, :] < num_vertices[:, None]
+  allowed = valid[:, :, None] & valid[:, None, :] & (jnp.arange(size)[:, None] < jnp.arange(size)[None, :])
+  logits = jnp.where(allowed, jax.random.normal(key_t, (batch, size, size)), -1e9)
+  trans = jnp.where(allowed, jax.nn.log_softmax(logits, axis=-1), -jnp.inf)
+  emit = -jnp.abs(jax.random.normal(key_e, (batch, groups, size))) * 3.0
+  return emit, trans, num_targets, num_vertices
+
+
+# -- timing ---------------------------------------------------------------------------------------
+
+
+def median_seconds(fn, repeats: int) -> float:
+  """Median wall seconds of fn() ended by block_until_ready, after one warm-up call."""
+  jax.block_until_ready(fn())
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(fn())
+    times.append(time.perf_counter() - start)
+  return statistics.median(times)
+
+
+class Run:
+  """One row: compiled step, live (donated) state, device batches and the timed samples."""
+
+  def __init__(self, objective: str, k: int | None, label: str, overrides: list[str], args, mesh):
+    self.objective, self.k, self.label, self.overrides = objective, k, label, overrides
+    self.config = config = make_config(objective, k, overrides, args)
+    self.setup = steps.TrainSetup.create(config, mesh)
+    started = time.perf_counter()
+    self.compiled = self.setup.compile_train_step()
+    self.compile_s = time.perf_counter() - started
+    self.state = self.setup.init_state()
+    self.batches = [self.setup.shard_batch(synthetic_blocks(config.batch_size, config.seq_len,
+                                                            config.model.vocab_size, seed)) for seed in range(2)]
+    self.wall, self.cpu = [], []  # seconds per timed step: wall clock, process CPU (all threads)
+
+  def step(self) -> tuple[float, float]:
+    batch = self.batches[len(self.wall) % len(self.batches)]
+    start, cpu_start = time.perf_counter(), time.process_time()
+    self.state, metrics = self.compiled(self.state, batch)
+    jax.block_until_ready((self.state, metrics))
+    return time.perf_counter() - start, time.process_time() - cpu_start
+
+  def time(self, num_steps: int) -> None:
+    for _ in range(num_steps):
+      wall, cpu = self.step()
+      self.wall.append(wall)
+      self.cpu.append(cpu)
+
+  def memory_bytes(self) -> int | None:
+    mem = self.compiled.memory_analysis()
+    return None if mem is None else int(mem.temp_size_in_bytes + mem.argument_size_in_bytes)
+
+  def dag_seconds(self, repeats: int) -> float | None:
+    """DAG loss forward+backward alone on this row's shapes (ExLM with DAG transitions only)."""
+    if self.objective != "exlm":
+      return None
+    from exlm_jax.objectives import exlm  # pylint: disable=g-import-not-at-top
+    if exlm.options(self.config).transitions != "dag":
+      return None
+    emit, trans, num_targets, num_vertices = dag_inputs(self.config, self.k)
+    loss = lambda e, t: jnp.sum(dag.dag_loss(e, t, num_targets, num_vertices))
+    fwd_bwd = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
+    return median_seconds(lambda: fwd_bwd(emit, trans), repeats)
+
+
+def input_seconds(args, config) -> float:
+  """Median seconds per `next()` of the real Grain training iterator at `config`'s batch shape."""
+  from exlm_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  config = config.copy_and_resolve_references()
+  config.data = config_lib.data_config(args.data_name, args.data_path)
+  with tempfile.TemporaryDirectory() as workdir:
+    config.data.tfds_dir = os.path.join(workdir, "tfds")  # built here, not in ~/tensorflow_datasets
+    iterator = pipeline.load_pretraining_data(config, workdir).train_iterator()
+    for _ in range(3):
+      next(iterator)
+    return median_seconds(lambda: next(iterator), 20)
+
+
+# -- report ---------------------------------------------------------------------------------------
+
+
+def record(run: Run, mlm: Run | None, args, peak: float | None, dag_s: float | None) -> dict:
+  """One JSON record per row."""
+  config, device = run.config, jax.devices()[0]
+  step_s, cpu_s = statistics.median(run.wall), statistics.median(run.cpu)
+  model_flops = flops.train_flops_per_step(config)
+  return {
+      "objective": run.objective, "k": run.k, "size": args.size, "seq_len": config.seq_len,
+      "batch": config.batch_size, "dtype": config.model.dtype, "remat": config.model.remat,
+      "vocab_size": config.model.vocab_size, "overrides": run.overrides,
+      "step_time_s": step_s, "num_samples": len(run.wall),
+      "tokens_per_s": config.batch_size * config.seq_len / step_s,
+      "ratio_to_mlm": step_s / statistics.median(mlm.wall) if mlm else None,
+      "cpu_time_s": cpu_s, "cpu_ratio_to_mlm": cpu_s / statistics.median(mlm.cpu) if mlm else None,
+      "flops_per_step": model_flops, "flops_breakdown": flops.breakdown(config).as_dict(),
+      "xla_flops_per_step": flops.xla_flops(run.compiled),
+      **flops.perf_metrics(model_flops, step_s, jax.device_count(), peak),
+      "dag_time_s": dag_s, "dag_fraction": dag_s / step_s if dag_s is not None else None,
+      "peak_memory_bytes": run.memory_bytes(), "compile_s": run.compile_s,
+      "device": device.platform, "device_kind": device.device_kind, "num_devices": jax.device_count(),
+      "jax_version": jax.__version__,
+  }
+
+
+def _cell(value, spec: str, scale: float = 1.0) -> str:
+  return "-" if value is None else format(value * scale, spec)
+
+
+def print_table(records: list[dict], header: str) -> None:
+  cpu, width = records[0]["device"] == "cpu", max(len(r["label"]) for r in records + [{"label": "objective"}])
+  title = (f"{'objective':<{width}} {'step ms':>8} {'tokens/s':>9} {'xMLM':>5} "
+           + (f"{'CPU ms':>7} {'xMLM':>5} " if cpu else "")
+           + f"{'GFLOP':>7} {'TFLOP/s/dev':>11} {'MFU %':>6} {'DAG %':>6} {'mem MiB':>8}")
+  print(header, title, "-" * len(title), sep="\n")
+  for r in records:
+    print(f"{r['label']:<{width}} {r['step_time_s'] * 1e3:>8.1f} {r['tokens_per_s']:>9,.0f} "
+          f"{_cell(r['ratio_to_mlm'], '.2f'):>5} "
+          + (f"{r['cpu_time_s'] * 1e3:>7.0f} {_cell(r['cpu_ratio_to_mlm'], '.2f'):>5} " if cpu else "")
+          + f"{r['flops_per_step'] / 1e9:>7.1f} {r['tflops_per_device']:>11.3f} "
+          f"{_cell(r.get('mfu'), '.1f', 100):>6} {_cell(r['dag_fraction'], '.1f', 100):>6} "
+          f"{_cell(r['peak_memory_bytes'], '.0f', 2**-20):>8}")
+
+
+# -- main -----------------------------------------------------------------------------------------
+
+
+def parse_args(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--objective", action="append",
+                      help="mlm | maelm | exlm | all, or NAME:key=value,... for a row with that objective's "
+                           "block overridden (e.g. maelm:decoder_layers=1); repeatable; default all")
+  parser.add_argument("--k", action="append", type=int, help="ExLM copies per group, repeatable; default 1 2 4 8")
+  parser.add_argument("--size", default="small", choices=tuple(config_lib.MODEL_SIZES))
+  parser.add_argument("--seq_len", type=int, default=128)
+  parser.add_argument("--batch", type=int, default=32, help="global batch in sequences")
+  parser.add_argument("--steps", type=int, default=5, help="timed steps per row and round")
+  parser.add_argument("--rounds", type=int, default=1, help="round-robin timing rounds over the rows")
+  parser.add_argument("--warmup", type=int, default=2, help="untimed steps after compiling")
+  parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+  parser.add_argument("--remat", default="none", choices=("none", "full", "dots", "dots_no_batch"))
+  parser.add_argument("--vocab", type=int, default=0, help=f"vocabulary size (default {DEFAULT_VOCAB})")
+  parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
+  parser.add_argument("--no_dag", action="store_true", help="skip timing the DAG loss alone")
+  parser.add_argument("--peak_tflops", type=float, default=0.0, help="device peak for MFU (default: table)")
+  parser.add_argument("--profile", default="", help="write a jax.profiler trace of 3 steps per row here")
+  parser.add_argument("--data_path", default="", help="also time the real input pipeline on this corpus")
+  parser.add_argument("--data_name", default="text", choices=("text", "smiles"))
+  parser.add_argument("--json", default="", help="write one record per row here")
+  args = parser.parse_args(argv)
+  args.ks = args.k or [1, 2, 4, 8]
+  args.plan = []  # (objective, k, label, block overrides)
+  for spec in args.objective or ["all"]:
+    name, _, block = spec.partition(":")
+    if name not in OBJECTIVES + ("all",):
+      parser.error(f"--objective {spec!r}: choose mlm, maelm, exlm or all (optionally NAME:key=value,...)")
+    extra = [f"{name}.{item}" for item in block.split(",") if item]
+    for objective in (OBJECTIVES if name == "all" else (name,)):
+      for k in (args.ks if objective == "exlm" else (None,)):
+        label = objective if k is None else f"exlm k={k}"
+        args.plan.append((objective, k, f"{label} {block}" if block else label, extra))
+  return args
+
+
+def main(argv=None) -> list[dict]:
+  args = parse_args(argv)
+  device = jax.devices()[0]
+  peak = args.peak_tflops * 1e12 if args.peak_tflops else flops.peak_flops_per_device(device)
+  mesh = partitioning.create_mesh(config_lib.pretrain_config().mesh)
+  runs = []
+  for objective, k, label, extra in args.plan:
+    runs.append(Run(objective, k, label, args.set + extra, args, mesh))
+    for _ in range(args.warmup):
+      runs[-1].step()
+    print(f"compiled {runs[-1].label} in {runs[-1].compile_s:.1f}s", file=sys.stderr, flush=True)
+
+  load = [os.getloadavg()[0]]
+  for _ in range(args.rounds):
+    for run in runs:
+      run.time(args.steps)
+  load.append(os.getloadavg()[0])
+
+  if args.profile:
+    for run in runs:
+      with jax.profiler.trace(os.path.join(args.profile, run.label.replace(" ", "_").replace("=", ""))):
+        for _ in range(3):
+          run.step()
+
+  mlm = next((r for r in runs if r.objective == "mlm"), None)
+  repeats = args.steps * args.rounds
+  records = []
+  for run in runs:
+    dag_s = None if args.no_dag else run.dag_seconds(repeats)
+    records.append({"label": run.label, **record(run, mlm, args, peak, dag_s), "load_average": load})
+  header = (f"{device.platform} ({device.device_kind}) x {jax.device_count()}, jax {jax.__version__} | "
+            f"size {args.size}, seq {args.seq_len}, batch {args.batch}, {args.dtype}, remat {args.remat}, "
+            f"vocab {records[0]['vocab_size']}{''.join(' --set ' + s for s in args.set)} | "
+            f"median of {repeats} steps | load avg {load[0]:.1f} -> {load[1]:.1f}")
+  print_table(records, header)
+  if args.data_path:
+    next_s, step_s = input_seconds(args, runs[0].config), statistics.median(runs[0].wall)
+    bound = "INPUT-bound" if next_s > step_s else "compute-bound"
+    print(f"input pipeline {args.data_path}: {next_s * 1e3:.1f} ms per batch vs {runs[0].label} step "
+          f"{step_s * 1e3:.1f} ms -> {bound}")
+    for r in records:
+      r["input_batch_s"] = next_s
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump(records, f, indent=1)
+    print(f"wrote {len(records)} records to {args.json}")
+  return records
+
+
+if __name__ == "__main__":
+  main()
