@@ -258,7 +258,7 @@ def test_invalid_smiles_are_counted_and_reported(tmp_path, caplog):
 
 def test_missing_column_and_bad_labels_fail_with_one_line_errors(tmp_path):
   path = _write_csv(tmp_path / "mols.csv", "smiles,y\nCCO,1\nCCN,abc\n")
-  with pytest.raises(ValueError, match=r"no column\(s\) \['label'\]; available: smiles, y"):
+  with pytest.raises(ValueError, match=r"no column\(s\) \['label'\]; set data.smiles_column .* columns it has: smiles, y"):
     tasks.load_molecule_csv(path, "smiles", ["label"], "regression")
   with pytest.raises(ValueError, match="'abc' is not a number"):
     tasks.load_molecule_csv(path, "smiles", ["y"], "regression")

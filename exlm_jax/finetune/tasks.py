@@ -379,7 +379,9 @@ def _read_molecule_frame(path: pathlib.Path, smiles_column: str, label_columns: 
   header = list(pd.read_csv(path, nrows=0).columns)
   missing = [c for c in [smiles_column, *label_columns] if c not in header]
   if missing:
-    raise ValueError(f"{path.name} has no column(s) {missing}; available: {', '.join(header)}")
+    shown = ", ".join(header[:12]) + (f", ... ({len(header)} columns)" if len(header) > 12 else "")
+    raise ValueError(f"{path.name} has no column(s) {missing}; set data.smiles_column / data.label_columns "
+                     f"to columns it has: {shown}")
   return pd.read_csv(path, usecols=[smiles_column, *label_columns], dtype=str, keep_default_na=False)
 
 

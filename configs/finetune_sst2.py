@@ -1,0 +1,28 @@
+"""SST-2 fine-tuning: configs/finetune_glue.py with task=sst2 (other arguments pass through, e.g. `:quick`).
+
+  python main.py --config configs/finetune_sst2.py --config.init_from=runs/maelm_text_small --workdir runs/ft_sst2
+  python main.py --config configs/finetune_sst2.py:quick --config.init_from=runs/maelm_text_small --workdir /tmp/ft_sst2
+"""
+
+import importlib.util
+import pathlib
+
+
+def _glue():
+  path = pathlib.Path(__file__).with_name("finetune_glue.py")
+  spec = importlib.util.spec_from_file_location("finetune_glue", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def _arg(arg):
+  return ",".join(["task=sst2", *([arg] if arg else [])])
+
+
+def get_config(arg=None):
+  return _glue().get_config(_arg(arg))
+
+
+def get_sweep(arg=None):
+  return _glue().get_sweep(_arg(arg))

@@ -1,0 +1,488 @@
+"""Programmatic access to a trained run: `exlm_jax.load(path)`.
+
+  import exlm_jax
+  model = exlm_jax.load("runs/mlm_smiles_small")            # a pretraining or fine-tuning workdir
+  vectors = model.embed(["CCO", "c1ccccc1O"])               # (2, D) numpy, mean over non-pad tokens
+  model.predict_masked(["CC[MASK]c1ccccc1"], top_k=3)       # [[[('O', 0.41), ('N', 0.22), ('C', 0.1)]]]
+  ids, pad = model.tokenize(["CCO"])                        # (1, L) int32 blocks `<s> ... </s> <pad>`
+  hidden = model.encode(ids, pad)                           # (1, L, D), jitted
+
+  # Pure functions (params in, arrays out) compose with your own jax.jit / jax.vmap / jax.grad:
+  f = jax.jit(lambda p, t, m: model.encode_fn(p, t, m).mean(1))
+  f(model.params, ids, pad)
+
+`path` may be a workdir written by `main.py` (pretraining or fine-tuning), its `checkpoints/` folder,
+one `checkpoints/<step>` folder, or a fine-tuning seed folder (`<workdir>/seed_<s>`). A fine-tuning
+workdir loads the seed with the best validation score (results.json) unless `seed=` is given.
+
+Parameters are restored with Orbax (only the `params` of the saved state) and replicated over a
+1-D mesh of the local devices; the bound convenience methods pad the batch to a multiple of the
+device count and split it over them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import pathlib
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from exlm_jax.data import vocab
+from exlm_jax.models.encoder import Encoder, ModelConfig
+
+log = logging.getLogger(__name__)
+
+MASK_STRING = vocab.SPECIAL_TOKENS[vocab.MASK]  # "[MASK]"
+CONFIG_FILE = "config.json"
+TASK_FILE = "task.json"
+RESULTS_FILE = "results.json"
+NEVER_PREDICTED = (vocab.PAD, vocab.BOS, vocab.EOS, vocab.MASK)  # never proposed by predict_masked
+
+
+# ----------------------------------------------------------------------------------------------
+# Finding and restoring a run
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class RunLocation:
+  """Where a run's pieces are. kind: 'pretrain' | 'finetune'; step None = the latest checkpoint."""
+
+  workdir: pathlib.Path
+  checkpoint_dir: pathlib.Path
+  step: int | None
+  kind: str
+  seed: int | None = None
+
+
+def _is_step_dir(path: pathlib.Path) -> bool:
+  return path.is_dir() and path.name.isdigit()
+
+
+def _has_steps(path: pathlib.Path) -> bool:
+  return path.is_dir() and any(_is_step_dir(p) for p in path.iterdir())
+
+
+def read_json(path: pathlib.Path) -> dict:
+  with open(path) as f:
+    return json.load(f)
+
+
+def _finetune_seed(workdir: pathlib.Path, seed: int | None) -> int:
+  """The requested seed, else the best validation seed from results.json, else the first seed folder."""
+  seeds = sorted(int(p.name[5:]) for p in workdir.glob("seed_*") if p.name[5:].isdigit()
+                 and _has_steps(p / "checkpoints"))
+  if seed is not None:
+    if seed not in seeds:
+      raise FileNotFoundError(f"{workdir} has no checkpoint for seed {seed}; seeds with checkpoints: {seeds}")
+    return seed
+  if (workdir / RESULTS_FILE).is_file():
+    best = read_json(workdir / RESULTS_FILE).get("best_seed")
+    if best in seeds:
+      return best
+  if not seeds:
+    raise FileNotFoundError(f"{workdir} is a fine-tuning workdir without checkpoints (no seed_<s>/checkpoints/<step>); "
+                            "has the run finished its first seed, with save_checkpoints=True?")
+  return seeds[0]
+
+
+def resolve_run(path, seed: int | None = None) -> RunLocation:
+  """Finds config, tokenizer and checkpoint folder for any of the path forms `load` accepts."""
+  path = pathlib.Path(path).expanduser().absolute()
+  if not path.exists():
+    raise FileNotFoundError(f"{path} does not exist; pass a workdir written by main.py")
+  step = None
+  if _is_step_dir(path) and path.parent.name == "checkpoints":
+    step, path = int(path.name), path.parent  # .../checkpoints/<step>
+  if path.name == "checkpoints" and (path.parent / CONFIG_FILE).exists():
+    return _locate(path.parent, path, step, seed)
+  if path.name == "checkpoints" and path.parent.name.startswith("seed_"):
+    return _locate(path.parent.parent, path, step, int(path.parent.name[5:]))
+  if path.name.startswith("seed_") and (path.parent / CONFIG_FILE).exists():
+    return _locate(path.parent, path / "checkpoints", step, int(path.name[5:]))
+  if (path / CONFIG_FILE).exists():
+    return _locate(path, None, step, seed)
+  raise FileNotFoundError(f"{path} holds no exlm_jax run (no {CONFIG_FILE}, no checkpoints/): pass a workdir "
+                          "written by main.py, its checkpoints/ folder or one checkpoints/<step> folder")
+
+
+def _locate(workdir: pathlib.Path, checkpoint_dir: pathlib.Path | None, step: int | None,
+            seed: int | None) -> RunLocation:
+  config = read_json(workdir / CONFIG_FILE)
+  kind = "finetune" if "finetune" in config else "pretrain"
+  if checkpoint_dir is None:
+    if kind == "finetune":
+      seed = _finetune_seed(workdir, seed)
+      checkpoint_dir = workdir / f"seed_{seed}" / "checkpoints"
+    else:
+      checkpoint_dir = workdir / "checkpoints"
+  if not _has_steps(checkpoint_dir):
+    raise FileNotFoundError(f"{workdir} has {CONFIG_FILE} but no checkpoint under {checkpoint_dir}; "
+                            "let the run reach its first checkpoint (checkpoint_every) or pass another path")
+  if step is not None and not (checkpoint_dir / str(step)).is_dir():
+    raise FileNotFoundError(f"no checkpoint for step {step} in {checkpoint_dir}")
+  return RunLocation(workdir, checkpoint_dir, step, kind, seed)
+
+
+def restore_params(checkpoint_dir, step: int | None = None, sharding: jax.sharding.Sharding | None = None):
+  """(params, step) from `checkpoint_dir/<step>` (latest when None): only the state's 'params' are read
+  (a partial PyTree restore: the optimizer state of a pretraining checkpoint is never loaded).
+
+  Every array is placed with `sharding` (default: the first local device), whatever mesh wrote it.
+  """
+  manager = ocp.CheckpointManager(pathlib.Path(checkpoint_dir).absolute(),
+                                  item_handlers={"state": ocp.PyTreeCheckpointHandler()})
+  try:
+    step = manager.latest_step() if step is None else step
+    if step is None:
+      raise FileNotFoundError(f"no checkpoint in {checkpoint_dir}")
+    sharding = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    metadata = manager.item_metadata(step)["state"]
+    if "params" not in metadata:
+      raise ValueError(f"checkpoint {checkpoint_dir}/{step} has no 'params' in its state "
+                       f"(keys {sorted(metadata)}); is it an exlm_jax checkpoint?")
+    target = {"params": jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding),
+                                     metadata["params"])}
+    restore_args = ocp.checkpoint_utils.construct_restore_args(target)
+    restored = manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.PyTreeRestore(item=target, restore_args=restore_args, partial_restore=True)))
+  finally:
+    manager.close()
+  return restored["state"]["params"], step
+
+
+def load_tokenizer(workdir: pathlib.Path):
+  from exlm_jax.data import tokenizers  # pylint: disable=g-import-not-at-top
+  directory = pathlib.Path(workdir) / "tokenizer"
+  if not directory.is_dir():
+    raise FileNotFoundError(f"{workdir} has no tokenizer/ folder; was it written by main.py?")
+  return tokenizers.load(directory)
+
+
+def model_config_from_run(config: dict, overrides: dict | None = None) -> ModelConfig:
+  """ModelConfig from a run's config.json `model` section (vocab_size included)."""
+  if "model" not in config:
+    raise ValueError("config.json has no 'model' section; is it an exlm_jax run?")
+  return ModelConfig.from_config(config["model"], **(overrides or {}))
+
+
+# ----------------------------------------------------------------------------------------------
+# Token ids
+# ----------------------------------------------------------------------------------------------
+
+
+def _is_space_piece(tokenizer, token_id: int) -> bool:
+  piece = tokenizer.id_to_token(token_id)
+  return piece != "" and piece.strip("\u2581 ") == ""
+
+
+def encode_with_masks(tokenizer, text: str) -> list[int]:
+  """Ids of `text` (no specials) with every literal "[MASK]" as vocab.MASK.
+
+  Both tokenizers already map "[MASK]" to id 4 (SMILES: the bracket-atom rule; SentencePiece: a
+  user-defined symbol); otherwise the text is split on it. A lone SentencePiece whitespace piece
+  right before a [MASK] is dropped: in pretraining a masked slot replaced a whole word piece
+  ('\u2581word'), space included.
+  """
+  count = text.count(MASK_STRING)
+  ids = list(tokenizer.encode(text))
+  if ids.count(vocab.MASK) != count:
+    parts = [tokenizer.encode(part) if part else [] for part in text.split(MASK_STRING)]
+    ids = [i for j, part in enumerate(parts) for i in ([*part] if j == 0 else [vocab.MASK, *part])]
+  if count:
+    ids = [i for j, i in enumerate(ids)
+           if not (j + 1 < len(ids) and ids[j + 1] == vocab.MASK and i != vocab.MASK and _is_space_piece(tokenizer, i))]
+  return ids
+
+
+class _MaskAwareTokenizer:
+  """Wraps a tokenizer so that `encode` keeps literal "[MASK]" as vocab.MASK (for encode_examples)."""
+
+  def __init__(self, tokenizer):
+    self._tok = tokenizer
+    self.vocab_size = tokenizer.vocab_size
+
+  def encode(self, text: str) -> list[int]:
+    return encode_with_masks(self._tok, text)
+
+
+def _round_up(n: int, multiple: int) -> int:
+  return max(multiple, -(-n // multiple) * multiple)
+
+
+# ----------------------------------------------------------------------------------------------
+# Pure forward functions
+# ----------------------------------------------------------------------------------------------
+
+
+def make_encode_fn(model_cfg: ModelConfig):
+  """encode_fn(params, token_ids (B, L) int32, padding_mask (B, L) bool) -> (B, L, D) float32.
+
+  `params` is a run's full tree ({'encoder': ..., ...}); copy index 0 everywhere (no expansion).
+  """
+  encoder = Encoder(model_cfg, deterministic=True)
+
+  def encode_fn(params, token_ids, padding_mask):
+    hidden = encoder.apply({"params": params["encoder"]}, token_ids, padding_mask=padding_mask)
+    return hidden.astype(jnp.float32)
+
+  return encode_fn
+
+
+def mean_pool(hidden: jax.Array, padding_mask: jax.Array) -> jax.Array:
+  """(B, L, D), (B, L) -> (B, D): mean over non-pad slots (<s> and </s> included)."""
+  weights = (~padding_mask).astype(jnp.float32)[..., None]
+  return jnp.sum(hidden * weights, axis=1) / jnp.maximum(jnp.sum(weights, axis=1), 1.0)
+
+
+def make_masked_logits_fn(objective: str, config: ml_collections.ConfigDict, exlm_copies: str = "mixture"):
+  """masked_logits_fn(params, token_ids (B, L), mask_slots (B, P)) -> (B, P, V) float32 log-probabilities.
+
+  token_ids carry vocab.MASK at the slots to fill; mask_slots lists them (pad with 0, ignored by
+  the caller). Per objective:
+    mlm:   encoder on the input with [MASK], tied LM head at the slots;
+    maelm: [MASK] slots removed from the encoder (kept tokens keep their original positions),
+           decoder on the full block with the [MASK] embedding there, LM head at the slots;
+    exlm:  every [MASK] (and <s>, final </s>) expanded into k copies with copy index 1..k, LM head at
+           the copies; per [MASK] the uniform mixture of its k copies' distributions
+           (exlm_copies='mixture') or the first copy's (exlm_copies='first').
+  """
+  from exlm_jax import objectives  # pylint: disable=g-import-not-at-top  (registers all objectives)
+  module = objectives.get(objective).make_model(config, True)
+  gather = lambda x, slots: jnp.take_along_axis(x, slots[..., None], axis=1)
+
+  if objective == "mlm":
+    def body(m, tokens, slots):
+      return m.predict(tokens, slots)
+  elif objective == "maelm":
+    from exlm_jax.objectives import maelm  # pylint: disable=g-import-not-at-top
+
+    def body(m, tokens, slots):
+      is_masked = tokens == vocab.MASK
+      # Inference may mask fewer slots than training: keep room for every real token (K = n).
+      if m.options.mask_in_encoder:
+        states = m.encoder(tokens, padding_mask=tokens == vocab.PAD)
+        overflow = jnp.zeros_like(is_masked)
+      else:
+        view = maelm.compact_kept(tokens, is_masked, tokens.shape[1])
+        positions = view.positions
+        if m.options.no_pos_align:
+          positions = jnp.broadcast_to(jnp.arange(positions.shape[1], dtype=jnp.int32), positions.shape)
+        compact = m.encoder(view.tokens, positions=positions, padding_mask=view.padding)
+        states, overflow = maelm.restore_positions(compact, view.inverse), view.overflow
+      mask_row = None if m.options.no_fill_mask else m.encoder.embed(jnp.asarray(vocab.MASK))
+      is_pad = tokens == vocab.PAD
+      dec_in = maelm.fill_decoder_input(states, is_masked, is_pad | overflow, mask_row)
+      pos_table = m.encoder.pos_embed.embedding if m.options.share_pos_emb else None
+      hidden = m.decoder(dec_in, is_pad, pos_table)
+      return m.lm_head(gather(hidden, slots), m.encoder.embedding)
+  elif objective == "exlm":
+    from exlm_jax.objectives import exlm  # pylint: disable=g-import-not-at-top
+    if exlm_copies not in ("mixture", "first"):
+      raise ValueError(f"exlm_copies={exlm_copies!r}; choose 'mixture' or 'first'")
+
+    def body(m, tokens, slots):
+      batch, num_slots = slots.shape
+      k = m.num_copies
+      ex = exlm.expand(tokens, tokens == vocab.MASK, k, num_slots + 2)
+      copy_index = ex.copy_index if m.positions == "rope2d" else jnp.zeros_like(ex.copy_index)
+      hidden = m.encoder(ex.tokens, ex.positions, copy_index, ex.padding_mask)
+      logits = m.lm_head(gather(hidden, ex.vertex_slot), m.encoder.embedding)  # (B, k G, V)
+      logp = jax.nn.log_softmax(logits.reshape(batch, num_slots + 2, k, -1)[:, 1:-1], axis=-1)  # masks only
+      if exlm_copies == "first":
+        return logp[:, :, 0]
+      return jax.nn.logsumexp(logp, axis=2) - math.log(k)
+  else:
+    raise ValueError(f"predict_masked does not know objective {objective!r}")
+
+  def masked_logits_fn(params, token_ids, mask_slots):
+    out = module.apply({"params": params}, token_ids, mask_slots, method=body)
+    return jax.nn.log_softmax(out.astype(jnp.float32), axis=-1)
+
+  return masked_logits_fn
+
+
+# ----------------------------------------------------------------------------------------------
+# The loaded model
+# ----------------------------------------------------------------------------------------------
+
+
+class LoadedModel:
+  """A restored run: config, tokenizer, params and jitted, reusable functions.
+
+  Attributes: path, kind ('pretrain' | 'finetune'), step, seed (fine-tuning), config (the run's
+  config.json as a ConfigDict), objective (the pretraining objective), model_config, tokenizer,
+  params (replicated over `mesh`), task (fine-tuning: task.json as a dict, else None).
+  Pure functions: encode_fn, embed_fn, masked_logits_fn (pretraining), predict_fn (fine-tuning).
+  """
+
+  def __init__(self, location: RunLocation, devices: Sequence[jax.Device] | None = None,
+               exlm_copies: str = "mixture"):
+    self.path = location.workdir
+    self.kind = location.kind
+    self.seed = location.seed
+    raw = read_json(location.workdir / CONFIG_FILE)
+    self.config = ml_collections.ConfigDict(raw)
+    self.task = read_json(location.workdir / TASK_FILE) if self.kind == "finetune" else None
+    self.objective = self.task["pretrain_objective"] if self.task else raw.get("objective")
+    self.model_config = model_config_from_run(raw, dict(dropout_rate=0.0, attention_dropout_rate=0.0))
+    self.tokenizer = load_tokenizer(location.workdir)
+    self.max_length = int(raw.get("seq_len", 512))
+    devices = list(devices or jax.local_devices())
+    self.mesh = Mesh(np.asarray(devices), ("data",))
+    self._replicated = NamedSharding(self.mesh, P())
+    self.params, self.step = restore_params(location.checkpoint_dir, location.step, self._replicated)
+    if "encoder" not in self.params:
+      raise ValueError(f"checkpoint in {location.checkpoint_dir} has no 'encoder' params "
+                       f"(top-level keys {sorted(self.params)})")
+
+    self.encode_fn = make_encode_fn(self.model_config)
+    self.embed_fn = lambda params, ids, mask: mean_pool(self.encode_fn(params, ids, mask), mask)
+    self.masked_logits_fn = None
+    self.predict_fn = None
+    if self.kind == "pretrain":
+      self.masked_logits_fn = make_masked_logits_fn(self.objective, self.config, exlm_copies)
+    else:
+      from exlm_jax.finetune import model as ft_model  # pylint: disable=g-import-not-at-top
+      net = ft_model.FinetuneModel(self.model_config, int(self.task["num_outputs"]), 0.0, True)
+      self.predict_fn = lambda params, ids: net.apply({"params": params}, ids)
+    self._jitted = {}
+
+  # -- helpers ------------------------------------------------------------------------------------
+
+  def _jit(self, name: str, fn):
+    if name not in self._jitted:
+      self._jitted[name] = jax.jit(fn)
+    return self._jitted[name]
+
+  def _shard(self, *arrays: np.ndarray) -> tuple[list[jax.Array], int]:
+    """Pads the batch dimension to a multiple of the device count and splits it over the mesh."""
+    batch = arrays[0].shape[0]
+    size = _round_up(batch, self.mesh.size)
+    out = []
+    for a in arrays:
+      a = np.asarray(a)
+      if size != batch:
+        fill = vocab.PAD if a.dtype.kind in "iu" else (True if a.dtype == bool else 0)
+        a = np.concatenate([a, np.full((size - batch, *a.shape[1:]), fill, a.dtype)])
+      spec = P("data", *([None] * (a.ndim - 1)))
+      out.append(jax.device_put(a, NamedSharding(self.mesh, spec)))
+    return out, batch
+
+  # -- tokens ---------------------------------------------------------------------------------------
+
+  def tokenize(self, texts, max_length: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Strings (or (A, B) pairs) -> token_ids (B, L) int32 `<s> ... </s> <pad>`, padding_mask (B, L) bool.
+
+    L is the longest row rounded up to a multiple of 8 (fewer recompilations), at most `max_length`
+    (default: the run's seq_len); longer inputs are cut (pairs: longest first). "[MASK]" -> vocab.MASK.
+    """
+    from exlm_jax.finetune.encoding import encode_examples  # pylint: disable=g-import-not-at-top
+    texts = [texts] if isinstance(texts, (str, tuple)) else list(texts)
+    max_length = max_length or self.max_length
+    ids, truncated = encode_examples(texts, _MaskAwareTokenizer(self.tokenizer), max_length)
+    if truncated:
+      log.warning("%d of %d input(s) cut to %d tokens", truncated, len(texts), max_length)
+    longest = int((ids != vocab.PAD).sum(1).max()) if len(ids) else 1
+    ids = ids[:, :min(_round_up(longest, 8), max_length)]
+    return ids, ids == vocab.PAD
+
+  def detokenize(self, token_ids):
+    """(L,) ids -> str, or (B, L) -> list[str]; <pad>, <s>, </s>, [MASK] are left out."""
+    token_ids = np.asarray(token_ids)
+    if token_ids.ndim == 1:
+      return self.tokenizer.decode(token_ids.tolist())
+    return [self.tokenizer.decode(row.tolist()) for row in token_ids]
+
+  # -- bound, jitted --------------------------------------------------------------------------------
+
+  def encode(self, token_ids, padding_mask=None) -> jax.Array:
+    """(B, L) ids [, (B, L) padding mask; default ids == <pad>] -> (B, L, D) final hidden states."""
+    token_ids = np.asarray(token_ids, np.int32)
+    padding_mask = token_ids == vocab.PAD if padding_mask is None else np.asarray(padding_mask, bool)
+    (ids, mask), batch = self._shard(token_ids, padding_mask)
+    hidden = self._jit("encode", self.encode_fn)(self.params, ids, mask)
+    return hidden if hidden.shape[0] == batch else hidden[:batch]
+
+  def embed(self, texts) -> np.ndarray:
+    """Strings (SMILES or sentences, or (A, B) pairs) -> (B, D) float32: mean of the final hidden
+    states over the non-pad slots, `<s>` and `</s>` included."""
+    ids, mask = self.tokenize(texts)
+    hidden = np.asarray(self.encode(ids, mask))  # reuses encode's compiled function
+    return np.asarray(mean_pool(hidden, mask))
+
+  def predict_masked(self, texts, top_k: int = 5) -> list[list[list[tuple[str, float]]]]:
+    """Top-k fillers for every literal "[MASK]" in each string (pretraining runs only).
+
+    Returns, per input, per [MASK] in order, `top_k` (token, probability) pairs; <pad>, <s>, </s> and
+    [MASK] are never proposed. See `make_masked_logits_fn` for how each objective predicts (ExLM: the
+    mixture of the k copies' distributions unless loaded with exlm_copies='first').
+    """
+    if self.masked_logits_fn is None:
+      raise ValueError(f"{self.path} is a fine-tuning run (no LM head); use predict(), or load the "
+                       "pretraining workdir for predict_masked")
+    texts = [texts] if isinstance(texts, str) else list(texts)
+    ids, _ = self.tokenize(texts)
+    is_mask = ids == vocab.MASK
+    counts = is_mask.sum(1)
+    if counts.max(initial=0) == 0:
+      raise ValueError(f"no {MASK_STRING} in the input(s); write it literally, e.g. 'CC{MASK_STRING}O'")
+    num_slots = _round_up(int(counts.max()), 4)
+    slots = np.zeros((len(ids), num_slots), np.int32)
+    for b, row in enumerate(is_mask):
+      where = np.flatnonzero(row)
+      slots[b, :where.size] = where
+    (dev_ids, dev_slots), batch = self._shard(ids, slots)
+    logp = np.array(self._jit("masked", self.masked_logits_fn)(self.params, dev_ids, dev_slots))[:batch]
+    logp[..., list(NEVER_PREDICTED)] = -np.inf
+    top_k = min(top_k, logp.shape[-1] - len(NEVER_PREDICTED))
+    out = []
+    for b in range(batch):
+      per_mask = []
+      for j in range(int(counts[b])):
+        best = np.argsort(-logp[b, j])[:top_k]
+        per_mask.append([(self.tokenizer.id_to_token(int(t)), float(np.exp(logp[b, j, t]))) for t in best])
+      out.append(per_mask)
+    return out
+
+  def predict(self, texts) -> np.ndarray:
+    """Fine-tuning runs: task outputs for strings/pairs. classification: (B, C) class probabilities;
+    multitask_binary: (B, T) positive-class probabilities; regression: (B, T) predictions in label units."""
+    if self.predict_fn is None:
+      raise ValueError(f"{self.path} is a pretraining run; predict() needs a fine-tuning workdir")
+    ids, _ = self.tokenize(texts)
+    (dev_ids,), batch = self._shard(ids)
+    out = np.asarray(self._jit("predict", self.predict_fn)(self.params, dev_ids))[:batch]
+    task_type = self.task["task_type"]
+    if task_type == "classification":
+      return np.asarray(jax.nn.softmax(out, axis=-1))
+    if task_type == "multitask_binary":
+      return np.asarray(jax.nn.sigmoid(out))
+    return out * np.asarray(self.task["target_std"], np.float32) + np.asarray(self.task["target_mean"], np.float32)
+
+  def __repr__(self) -> str:
+    cfg = self.model_config
+    what = f"fine-tuned on {self.task['name']} (seed {self.seed})" if self.task else f"{self.objective} pretraining"
+    return (f"LoadedModel({self.path}, step {self.step}, {what}, {cfg.num_layers}x{cfg.d_model} "
+            f"{cfg.positions}, vocab {cfg.vocab_size}, {self.mesh.size} device(s))")
+
+
+def load(path, *, seed: int | None = None, devices: Sequence[jax.Device] | None = None,
+         exlm_copies: str = "mixture") -> LoadedModel:
+  """Restores a run written by main.py (see the module docstring for the accepted paths).
+
+  seed: fine-tuning workdirs only; default = the best validation seed in results.json.
+  devices: where to replicate the params (default: all local devices).
+  exlm_copies: how ExLM's predict_masked reads the k copies of a [MASK]: 'mixture' | 'first'.
+  Raises FileNotFoundError with what to pass when `path` holds no checkpoint.
+  """
+  return LoadedModel(resolve_run(path, seed), devices, exlm_copies)

@@ -1,0 +1,140 @@
+"""The fine-tuning model: the shared Encoder (copy index 0 everywhere) + a sentence-level head.
+
+All three pretraining objectives hand over the same `Encoder` parameters (`Objective.encoder_params`),
+so one model serves MLM, MAE-LM and ExLM checkpoints. For ExLM this is "no expansion, copy = 0"
+(exlm-reference §6): no `[MASK]` exists downstream, nothing is expanded, the transition head is
+dropped.
+
+Head (both papers, fairseq `ClassificationHead`): the `<s>` state (slot 0) -> dropout -> dense(D->D)
+-> tanh -> dropout -> linear(D->num_outputs). The same head serves
+  * 'classification': num_outputs classes, softmax cross-entropy;
+  * 'regression': num_outputs targets, squared error (MSE) over labelled cells;
+  * 'multitask_binary': num_outputs independent sigmoid tasks, binary cross-entropy masked by the
+    label mask (a missing label contributes exactly zero loss and zero gradient).
+Every loss returns (sum, count) over the batch; the step divides the global sum by the global count.
+
+Shapes: B batch, L length, D width, C = num_outputs (classes or targets/tasks).
+"""
+
+from __future__ import annotations
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from exlm_jax.data import vocab
+from exlm_jax.finetune.metrics import TASK_TYPES
+from exlm_jax.models.encoder import Encoder, ModelConfig, _dense
+
+
+class ClassificationHead(nn.Module):
+  """`<s>` state (B, D) -> dropout -> dense -> tanh -> dropout -> linear -> (B, C) float32."""
+
+  cfg: ModelConfig
+  num_outputs: int
+  pooler_dropout: float = 0.1
+  deterministic: bool = True
+
+  @nn.compact
+  def __call__(self, cls_state: jax.Array) -> jax.Array:
+    drop = lambda x: nn.Dropout(self.pooler_dropout)(x, deterministic=self.deterministic)
+    x = _dense(self.cfg.d_model, ("embed", "mlp"), self.cfg, "dense")(drop(cls_state))
+    x = jnp.tanh(x)
+    out = _dense(self.num_outputs, ("mlp", None), self.cfg, "out")(drop(x))
+    return out.astype(jnp.float32)
+
+
+class FinetuneModel(nn.Module):
+  """Encoder + ClassificationHead. `__call__(tokens (B, L) int32) -> (B, C)` float32 outputs.
+
+  Outputs are logits (classification, multitask_binary) or predictions (regression, in the
+  normalised target space when the loop standardises targets). Params: {'encoder', 'head'}.
+  """
+
+  cfg: ModelConfig
+  num_outputs: int
+  pooler_dropout: float = 0.1
+  deterministic: bool = True
+
+  def setup(self):
+    self.encoder = Encoder(self.cfg, self.deterministic, name="encoder")
+    self.head = ClassificationHead(self.cfg, self.num_outputs, self.pooler_dropout, self.deterministic, name="head")
+
+  def __call__(self, tokens: jax.Array) -> jax.Array:
+    hidden = self.encoder(tokens, padding_mask=tokens == vocab.PAD)  # copy index 0 everywhere
+    return self.head(hidden[:, 0])
+
+
+# ----------------------------------------------------------------------------------------------
+# Losses: (sum, count) over a batch; padded rows have an all-False mask
+# ----------------------------------------------------------------------------------------------
+
+
+def classification_loss(logits: jax.Array, labels: jax.Array, mask: jax.Array):
+  """Softmax CE. logits (B, C) f32; labels (B,) int; mask (B,) bool. Returns (sum, count, correct)."""
+  labels = jnp.where(mask, labels, 0)
+  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  nll = -jnp.take_along_axis(logp, labels[:, None], axis=-1)[:, 0]
+  weights = mask.astype(jnp.float32)
+  correct = jnp.sum((jnp.argmax(logits, -1) == labels) * weights)
+  return jnp.sum(jnp.where(mask, nll, 0.0)), jnp.sum(weights), correct
+
+
+def regression_loss(preds: jax.Array, targets: jax.Array, mask: jax.Array):
+  """Squared error over labelled cells. preds/targets (B, T) f32; mask (B, T) bool. Returns (sum, count)."""
+  diff = preds.astype(jnp.float32) - jnp.where(mask, targets, 0.0).astype(jnp.float32)
+  return jnp.sum(jnp.where(mask, diff * diff, 0.0)), jnp.sum(mask.astype(jnp.float32))
+
+
+def masked_bce_loss(logits: jax.Array, labels: jax.Array, mask: jax.Array):
+  """Sigmoid BCE over labelled cells. logits/labels (B, T); mask (B, T) bool. Returns (sum, count).
+
+  Missing cells are removed with `where` after sanitising their labels, so a NaN or any value in a
+  missing cell gives exactly zero loss and zero gradient.
+  """
+  logits = logits.astype(jnp.float32)
+  labels = jnp.where(mask, labels, 0.0).astype(jnp.float32)
+  # log(1 + exp(-|x|)) form: stable for large |x|.
+  bce = jnp.maximum(logits, 0.0) - logits * labels + jnp.log1p(jnp.exp(-jnp.abs(logits)))
+  return jnp.sum(jnp.where(mask, bce, 0.0)), jnp.sum(mask.astype(jnp.float32))
+
+
+def task_loss(task_type: str, outputs: jax.Array, labels: jax.Array, mask: jax.Array):
+  """(loss_sum, weight, metrics) with metrics as name -> (sum, count) pairs, like the objectives."""
+  if task_type == "classification":
+    loss_sum, count, correct = classification_loss(outputs, labels, mask)
+    return loss_sum, count, {"loss": (loss_sum, count), "accuracy": (correct, count)}
+  if task_type == "regression":
+    loss_sum, count = regression_loss(outputs, labels, mask)
+  elif task_type == "multitask_binary":
+    loss_sum, count = masked_bce_loss(outputs, labels, mask)
+  else:
+    raise ValueError(f"task_type={task_type!r}; choose one of {TASK_TYPES}")
+  return loss_sum, count, {"loss": (loss_sum, count)}
+
+
+# ----------------------------------------------------------------------------------------------
+# Encoder hand-off
+# ----------------------------------------------------------------------------------------------
+
+
+def flat_shapes(tree) -> dict[str, tuple[int, ...]]:
+  """'a/b/c' -> shape for every leaf of a (possibly boxed) param tree."""
+  flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(nn.meta.unbox(tree)))
+  return {"/".join(map(str, k)): tuple(np.shape(v)) for k, v in flat.items()}
+
+
+def check_same_tree(expected, got, what: str) -> None:
+  """Raises one ValueError naming missing / unexpected / wrongly shaped leaves of `got`."""
+  want, have = flat_shapes(expected), flat_shapes(got)
+  missing = sorted(want.keys() - have.keys())
+  unexpected = sorted(have.keys() - want.keys())
+  wrong = sorted(f"{k} {have[k]} != {want[k]}" for k in want.keys() & have.keys() if want[k] != have[k])
+  problems = [f"{label} {items[:5]}{' ...' if len(items) > 5 else ''} ({len(items)})"
+              for label, items in (("missing", missing), ("unexpected", unexpected), ("wrong shapes", wrong))
+              if items]
+  if problems:
+    raise ValueError(f"{what} does not match the fine-tuning encoder: " + "; ".join(problems) +
+                     " -- is init_from a checkpoint of the same model size/positions as its config.json?")

@@ -1,0 +1,298 @@
+"""Fine-tuning: masked multi-task BCE, end-to-end runs on real BBBP and SST-2 from tiny pretraining
+checkpoints (MLM on SMILES, MAE-LM on text), the encoder hand-off's loud failures, configs and sweeps."""
+
+import importlib.util
+import json
+import logging
+import pathlib
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pandas as pd
+import pytest
+
+import exlm_jax
+from exlm_jax.data import tokenizers, vocab
+from exlm_jax.finetune import loop
+from exlm_jax.finetune import model as model_lib
+from exlm_jax.finetune.encoding import encode_examples
+from exlm_jax.finetune.tasks import GLUE_TASKS, MOLECULENET
+from exlm_jax.models.encoder import ModelConfig
+from exlm_jax.objectives import exlm, maelm
+
+from test_api import make_pretraining_workdir  # pylint: disable=wrong-import-order
+
+CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
+
+
+def load_config_module(name: str):
+  spec = importlib.util.spec_from_file_location(name, CONFIGS / f"{name}.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+# ----------------------------------------------------------------------------------------------
+# Missing labels
+# ----------------------------------------------------------------------------------------------
+
+
+def tox21_labels(shared_data, rows: int = 32) -> np.ndarray:
+  """(rows, 12) float64 labels with NaN at missing cells, straight from tox21.csv."""
+  spec = MOLECULENET["tox21"]
+  frame = pd.read_csv(shared_data / spec.path, nrows=rows)
+  return frame[list(spec.label_columns)].to_numpy(np.float64)
+
+
+def numpy_masked_bce(logits, labels, mask):
+  logits, labels = np.asarray(logits, np.float64), np.asarray(labels, np.float64)
+  p = 1.0 / (1.0 + np.exp(-logits))
+  cells = -(labels * np.log(p) + (1 - labels) * np.log(1 - p))
+  return cells[mask].sum(), mask.sum()
+
+
+def test_missing_tox21_labels_add_zero_loss_and_zero_gradient(shared_data):
+  raw = tox21_labels(shared_data)
+  mask = ~np.isnan(raw)
+  assert 0 < mask.sum() < mask.size, "the first tox21 rows should contain missing labels"
+  logits = np.random.default_rng(0).normal(0, 2.0, raw.shape).astype(np.float32)
+  filled = np.where(mask, raw, 0.0).astype(np.float32)
+  loss_sum, count = model_lib.masked_bce_loss(jnp.asarray(logits), jnp.asarray(filled), jnp.asarray(mask))
+  want_sum, want_count = numpy_masked_bce(logits, filled, mask)
+  np.testing.assert_allclose(float(loss_sum), want_sum, rtol=1e-5)
+  assert float(count) == want_count
+
+  # Whatever a missing cell holds (0, 1, NaN), loss and gradient are the same; its own gradient is 0.
+  grad = jax.grad(lambda x, y: model_lib.masked_bce_loss(x, y, jnp.asarray(mask))[0])
+  grads = [np.asarray(grad(jnp.asarray(logits), jnp.asarray(np.where(mask, raw, fill).astype(np.float32))))
+           for fill in (0.0, 1.0, np.nan)]
+  for g in grads[1:]:
+    np.testing.assert_array_equal(g, grads[0])
+  assert np.all(grads[0][~mask] == 0.0) and np.all(np.isfinite(grads[0]))
+  sigmoid = 1 / (1 + np.exp(-logits.astype(np.float64)))
+  np.testing.assert_allclose(grads[0][mask], (sigmoid - filled)[mask], rtol=1e-4, atol=1e-6)
+
+  # The train step's loss (task_loss) gives the same total and gradient whatever missing cells hold.
+  def step_loss(x, y):
+    total, weight, _ = model_lib.task_loss("multitask_binary", x, y, jnp.asarray(mask))
+    return total / weight
+  values = [jax.value_and_grad(step_loss)(jnp.asarray(logits), jnp.asarray(np.where(mask, raw, fill), jnp.float32))
+            for fill in (0.0, np.nan)]
+  assert float(values[0][0]) == float(values[1][0]) == pytest.approx(want_sum / want_count, rel=1e-5)
+  np.testing.assert_array_equal(np.asarray(values[0][1]), np.asarray(values[1][1]))
+
+
+def test_other_losses_match_numpy():
+  rng = np.random.default_rng(1)
+  logits = rng.normal(size=(6, 3)).astype(np.float32)
+  labels = np.array([0, 2, 1, 1, 0, 2], np.int32)
+  mask = np.array([1, 1, 1, 0, 1, 0], bool)
+  total, count, correct = model_lib.classification_loss(jnp.asarray(logits), jnp.asarray(labels), jnp.asarray(mask))
+  logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+  np.testing.assert_allclose(float(total), -logp[np.arange(6), labels][mask].sum(), rtol=1e-5)
+  assert float(count) == 4 and float(correct) == (logits.argmax(-1) == labels)[mask].sum()
+  preds, targets = rng.normal(size=(5, 2)).astype(np.float32), rng.normal(size=(5, 2)).astype(np.float32)
+  cells = rng.random((5, 2)) > 0.3
+  total, count = model_lib.regression_loss(jnp.asarray(preds), jnp.asarray(targets), jnp.asarray(cells))
+  np.testing.assert_allclose(float(total), ((preds - targets) ** 2)[cells].sum(), rtol=1e-5)
+  assert float(count) == cells.sum()
+
+
+# ----------------------------------------------------------------------------------------------
+# End to end
+# ----------------------------------------------------------------------------------------------
+
+
+def quick(config, **overrides):
+  config.update(dict(num_epochs=1, batch_size=16, eval_batch_size=32, seq_len=48, log_every=2, evals_per_epoch=2))
+  config.update(overrides)
+  return config
+
+
+def test_bbbp_end_to_end_from_an_mlm_checkpoint(shared_data, tmp_path):
+  config = load_config_module("finetune_moleculenet").get_config("task=bbbp")
+  config = quick(config, seeds=(0, 1))
+  config.data.max_train_examples, config.data.max_eval_examples = 64, 48
+  smiles = pd.read_csv(shared_data / MOLECULENET["bbbp"].path)["smiles"].tolist()
+  make_pretraining_workdir(tmp_path / "pretrain", "mlm", tokenizers.SmilesRegexTokenizer.build(smiles), num_layers=1)
+  config.init_from = str(tmp_path / "pretrain")
+  workdir = tmp_path / "ft"
+  results = loop.run(config, str(workdir))
+
+  assert results["task"] == "bbbp" and results["main_metric"] == "roc_auc" and results["init_step"] == 3
+  assert results["pretrain_objective"] == "mlm" and results["seeds"] == [0, 1]
+  saved = json.loads((workdir / "results.json").read_text())
+  assert saved["summary"]["test"]["roc_auc"]["values"] == [r["report"]["test"]["roc_auc"] for r in saved["per_seed"]]
+  for split in ("validation", "test"):
+    stats = saved["summary"][split]["roc_auc"]
+    assert 0.0 <= stats["mean"] <= 1.0 and stats["std"] == pytest.approx(np.std(stats["values"], ddof=1))
+  for r in saved["per_seed"]:
+    assert 1 <= r["best_step"] <= r["total_steps"] == 4  # 64 examples / batch 16, evaluated at steps 2 and 4
+    assert [h["step"] for h in r["history"]] == [2, 4]
+    assert (workdir / f"seed_{r['seed']}" / "checkpoints" / str(r["best_step"])).is_dir()
+    assert list((workdir / "tensorboard" / f"seed_{r['seed']}").glob("events.out.tfevents.*"))
+  final = json.loads((workdir / "final_metrics.json").read_text())  # what launch/sweep.py tabulates
+  assert final["eval"]["roc_auc"] == saved["summary"]["validation"]["roc_auc"]["mean"]
+  assert final["test"]["roc_auc"] == saved["summary"]["test"]["roc_auc"]["mean"]
+  table = (workdir / "results.md").read_text()
+  assert "| seed | best step | validation roc_auc | test roc_auc |" in table and "mean ± std" in table
+  # Unparsable SMILES are counted and reported (RDKit, independently of the task reader).
+  from rdkit import Chem, RDLogger  # pylint: disable=g-import-not-at-top
+  RDLogger.DisableLog("rdApp.*")
+  unparsable = [i for i, s in enumerate(smiles) if Chem.MolFromSmiles(s) is None]
+  assert [row for row, _ in saved["invalid_smiles"]] == unparsable and len(unparsable) > 0
+  assert f"invalid SMILES left out: {len(unparsable)}" in table
+
+  model = exlm_jax.load(workdir, devices=jax.local_devices()[:1])  # best validation seed
+  assert model.kind == "finetune" and model.seed == saved["best_seed"]
+  probs = model.predict(["CCO", "c1ccccc1O"])
+  assert probs.shape == (2, 1) and np.all((probs > 0) & (probs < 1))
+
+
+def test_sst2_end_to_end_from_a_maelm_checkpoint_and_resume(shared_data, tmp_path):
+  config = load_config_module("finetune_sst2").get_config("quick")
+  config = quick(config, seeds=(0,))
+  config.data.max_train_examples, config.data.max_eval_examples = 48, 32
+  task = loop.load_task_data(config)
+  assert task.name == "sst2" and task.report_splits == ("test",)  # GLUE dev reported as test
+  sentences = [t for s in task.splits.values() for t in s.texts]
+  tok = tokenizers.SentencePieceTokenizer.train(sentences, vocab_size=400)
+  make_pretraining_workdir(tmp_path / "pretrain", "maelm", tok, num_layers=1)
+  config.init_from = str(tmp_path / "pretrain" / "checkpoints")  # the checkpoints/ folder works too
+  workdir = tmp_path / "ft"
+  results = loop.run(config, str(workdir))
+  assert results["pretrain_objective"] == "maelm" and results["main_metric"] == "accuracy"
+  accuracy = results["summary"]["test"]["accuracy"]
+  assert 0.0 <= accuracy["mean"] <= 1.0 and accuracy["std"] == 0.0 and len(accuracy["values"]) == 1
+  task_info = json.loads((workdir / "task.json").read_text())
+  assert task_info["split_sizes"] == {"train": 48, "validation": 32, "test": 32}
+  assert "| seed | best step | validation accuracy | test accuracy |" in (workdir / "results.md").read_text()
+
+  again = loop.run(config, str(workdir))  # finished seeds are not trained again
+  assert again["per_seed"] == json.loads(json.dumps(results["per_seed"]))
+  config.learning_rate *= 2  # ... but only for the config that produced them
+  with pytest.raises(ValueError, match="different config"):
+    loop.run(config, str(workdir))
+
+
+# ----------------------------------------------------------------------------------------------
+# Encoder hand-off and scratch baselines
+# ----------------------------------------------------------------------------------------------
+
+
+def test_encoder_handoff_fails_loudly_on_a_mismatched_tree(tmp_path):
+  tok = tokenizers.SmilesRegexTokenizer.build(["CCO", "c1ccccc1N"])
+  config, params = make_pretraining_workdir(tmp_path, "mlm", tok)
+  init = loop.pretrained_encoder(str(tmp_path))
+  assert init.objective == "mlm" and init.step == 3 and init.model_config.d_model == config.model.d_model
+  np.testing.assert_array_equal(np.asarray(init.encoder["token_embed"]["embedding"]),
+                                params["encoder"]["token_embed"]["embedding"])
+
+  with pytest.raises(ValueError, match=r"wrong shapes .*token_embed/embedding"):
+    loop.check_encoder_tree(init.encoder, ModelConfig.from_config(config.model, vocab_size=tok.vocab_size + 1),
+                            "ckpt")
+  broken = {**init.encoder, "stack": {k: v for k, v in init.encoder["stack"].items() if k != "layer_1"}}
+  with pytest.raises(ValueError, match=r"missing \['stack/layer_1/"):
+    loop.check_encoder_tree(broken, init.model_config, "ckpt")
+  # A config.json that disagrees with the checkpoint (here: one layer more) fails at the hand-off.
+  edited = json.loads((tmp_path / "config.json").read_text())
+  edited["model"]["num_layers"] += 1
+  (tmp_path / "config.json").write_text(json.dumps(edited))
+  with pytest.raises(ValueError, match=r"does not match the fine-tuning encoder: missing \['stack/layer_2/"):
+    loop.pretrained_encoder(str(tmp_path))
+  with pytest.raises(ValueError, match="may only override"):
+    cfg = loop.default_config()
+    cfg.model.d_model = 64
+    loop.validate_config(cfg, 8)
+
+
+@pytest.mark.parametrize("objective", ["maelm", "exlm"])
+def test_maelm_exlm_encoders_hand_off_and_the_head_is_the_papers(tmp_path, objective):
+  """The hand-off keeps exactly the pretrained encoder; FinetuneModel = that encoder run as in pretraining
+  without masks (ExLM: no expansion, copy index 0) + <s> -> dense -> tanh -> linear (dropout off)."""
+  tok = tokenizers.SmilesRegexTokenizer.build(["CCO", "c1ccccc1N", "CC(=O)O"])
+  config, saved = make_pretraining_workdir(tmp_path, objective, tok, num_layers=1)
+  init = loop.pretrained_encoder(str(tmp_path))
+  assert init.objective == objective and init.step == 3
+  jax.tree.map(np.testing.assert_array_equal, init.encoder, saved["encoder"])
+
+  tokens, _ = encode_examples(["CCO", "c1ccccc1N"], tok, 16)
+  net = {"maelm": maelm, "exlm": exlm}[objective].make_model(config, True)
+  hidden = net.apply({"params": saved}, jnp.asarray(tokens),
+                     method=lambda m, t: m.encoder(t, padding_mask=t == vocab.PAD))  # copy index 0 by default
+  head = model_lib.ClassificationHead(init.model_config, 3)
+  head_params = head.init(jax.random.PRNGKey(1), jnp.zeros((1, config.model.d_model)))["params"]
+  head_params = jax.tree.map(np.asarray, nn.meta.unbox(head_params))
+  model = model_lib.FinetuneModel(init.model_config, 3, pooler_dropout=0.1, deterministic=True)
+  got = model.apply({"params": {"encoder": init.encoder, "head": head_params}}, jnp.asarray(tokens))
+  cls = np.asarray(hidden, np.float64)[:, 0]
+  want = np.tanh(cls @ head_params["dense"]["kernel"] + head_params["dense"]["bias"])
+  want = want @ head_params["out"]["kernel"] + head_params["out"]["bias"]
+  np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=1e-5)
+
+
+def test_scratch_baseline_warns_and_builds_a_tokenizer(shared_data, caplog):
+  config = load_config_module("finetune_glue").get_config("task=rte")
+  config.data.max_train_examples, config.data.max_eval_examples = 64, 16
+  config.scratch_size, config.scratch_vocab_size = "tiny", 400
+  with caplog.at_level(logging.WARNING):
+    task, init = loop.prepare(config)
+  assert "RANDOMLY initialised" in caplog.text and init.encoder is None
+  assert init.model_config.vocab_size == init.tokenizer.vocab_size == 400 and task.name == "rte"
+  assert init.model_config.dropout_rate == config.model.dropout_rate
+
+
+# ----------------------------------------------------------------------------------------------
+# Configs and sweeps
+# ----------------------------------------------------------------------------------------------
+
+
+def test_configs_cover_every_task_and_sweeps_override_existing_fields():
+  glue = load_config_module("finetune_glue")
+  for task in GLUE_TASKS:
+    config = glue.get_config(f"task={task}")
+    loop.validate_config(config, 8)
+    assert config.finetune.task == task
+    sweep = glue.get_sweep(f"task={task}")
+    assert len(sweep) == (24 if task in glue.LARGE_TASKS else 64)
+    assert {d["learning_rate"] for d in sweep} == {1e-5, 2e-5, 3e-5, 4e-5}
+    assert all(key in config for d in sweep for key in d)
+  molecules = load_config_module("finetune_moleculenet")
+  for task in MOLECULENET:
+    loop.validate_config(molecules.get_config(f"task={task}"), 8)
+  assert len(molecules.get_sweep(None)) == 18
+  assert load_config_module("finetune_sst2").get_config("quick").finetune.task == "sst2"
+  assert load_config_module("finetune_bbbp").get_config().finetune.task == "bbbp"
+  with pytest.raises(ValueError, match="unknown GLUE task"):
+    glue.get_config("task=squad")
+  assert loop.label_columns("NR-AR, SR-p53,") == ["NR-AR", "SR-p53"]
+  bad = molecules.get_config("task=bbbp")
+  bad.batch_size = 12
+  with pytest.raises(ValueError, match="divisible by the data-parallel size 8"):
+    loop.validate_config(bad, 8)
+
+
+def test_csv_task_from_config_fields(shared_data):
+  config = load_config_module("finetune_moleculenet").get_config()
+  config.data.path = "$DATA/moleculenet/clintox.csv"
+  config.data.label_columns = "FDA_APPROVED,CT_TOX"
+  config.data.max_train_examples = 50
+  task = loop.load_task_data(config)
+  assert task.name == "clintox" and task.num_outputs == 2 and task.task_type == "multitask_binary"
+  assert len(task.splits["train"]) == 50 and task.report_splits == ("test",)
+
+
+def test_regression_targets_are_standardised_and_scored_in_label_units(shared_data):
+  config = load_config_module("finetune_moleculenet").get_config("task=esol")
+  config.data.max_train_examples = 200
+  task = loop.load_task_data(config)
+  mean, std = loop.target_stats(task, normalize=True)
+  train_labels = task.splits["train"].labels[:, 0]
+  np.testing.assert_allclose([mean[0], std[0]], [train_labels.mean(), train_labels.std()], rtol=1e-5)
+  tokenizer = tokenizers.SmilesRegexTokenizer.build(task.splits["train"].texts)
+  encoded, _ = loop.encode_split(task.splits["test"], tokenizer, 64, task.task_type, mean, std)
+  np.testing.assert_allclose(encoded.labels * std + mean, task.splits["test"].labels, rtol=1e-5, atol=1e-5)
+  perfect = loop.score(task, "test", encoded.labels, mean, std)  # outputs in the normalised space
+  assert perfect["rmse"] == pytest.approx(0.0, abs=1e-5) and task.main_metric == "rmse"
