@@ -57,8 +57,9 @@ def _start_jax() -> None:
   print(distributed.describe(how), flush=True)
 
 
-# What bad input raises (config validation, missing files, unreadable data): shown as one line.
-USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, FileExistsError)
+# What bad input raises (config validation, missing files, unreadable data, a diverging loss with
+# its hint): shown as one line.
+USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, FileExistsError, FloatingPointError)
 
 
 def main(argv):
