@@ -264,26 +264,10 @@ def make_masked_logits_fn(objective: str, config: ml_collections.ConfigDict, exl
     def body(m, tokens, slots):
       return m.predict(tokens, slots)
   elif objective == "maelm":
-    from exlm_jax.objectives import maelm  # pylint: disable=g-import-not-at-top
-
     def body(m, tokens, slots):
-      is_masked = tokens == vocab.MASK
-      # Inference may mask fewer slots than training: keep room for every real token (K = n).
-      if m.options.mask_in_encoder:
-        states = m.encoder(tokens, padding_mask=tokens == vocab.PAD)
-        overflow = jnp.zeros_like(is_masked)
-      else:
-        view = maelm.compact_kept(tokens, is_masked, tokens.shape[1])
-        positions = view.positions
-        if m.options.no_pos_align:
-          positions = jnp.broadcast_to(jnp.arange(positions.shape[1], dtype=jnp.int32), positions.shape)
-        compact = m.encoder(view.tokens, positions=positions, padding_mask=view.padding)
-        states, overflow = maelm.restore_positions(compact, view.inverse), view.overflow
-      mask_row = None if m.options.no_fill_mask else m.encoder.embed(jnp.asarray(vocab.MASK))
-      is_pad = tokens == vocab.PAD
-      dec_in = maelm.fill_decoder_input(states, is_masked, is_pad | overflow, mask_row)
-      pos_table = m.encoder.pos_embed.embedding if m.options.share_pos_emb else None
-      hidden = m.decoder(dec_in, is_pad, pos_table)
+      # Inference may mask fewer slots than training: keep room for every real token (capacity n).
+      dec_in, _ = m.decoder_input(tokens, tokens == vocab.MASK, capacity=tokens.shape[1])
+      hidden = m.decode(dec_in, tokens == vocab.PAD)
       return m.lm_head(gather(hidden, slots), m.encoder.embedding)
   elif objective == "exlm":
     from exlm_jax.objectives import exlm  # pylint: disable=g-import-not-at-top

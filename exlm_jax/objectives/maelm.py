@@ -201,10 +201,12 @@ class MAELMModel(nn.Module):
     head_cls = ProjectedLMHead if widths_differ else LMHead
     self.lm_head = head_cls(self.decoder_cfg, name="lm_head")
 
-  def decoder_input(self, tokens: jax.Array, is_masked: jax.Array):
+  def decoder_input(self, tokens: jax.Array, is_masked: jax.Array, capacity: int | None = None):
     """(B, n, C_enc) decoder input and the (B, n) overflow mask, for a given selection.
 
     At kept positions it holds the encoder's outputs, which never depend on masked tokens' identities.
+    `capacity` is the compacted encoder length: `max_kept` (training's bound) by default; inference,
+    which may mask fewer slots than training, passes n.
     """
     opts = self.options
     is_pad = tokens == vocab.PAD
@@ -212,7 +214,8 @@ class MAELMModel(nn.Module):
       states = self.encoder(jnp.where(is_masked, vocab.MASK, tokens), padding_mask=is_pad)
       overflow = jnp.zeros_like(is_masked)
     else:
-      view = compact_kept(tokens, is_masked, max_kept(self.mask_prob, tokens.shape[1]))
+      capacity = capacity or max_kept(self.mask_prob, tokens.shape[1])
+      view = compact_kept(tokens, is_masked, capacity)
       positions = view.positions
       if opts.no_pos_align:
         positions = jnp.broadcast_to(jnp.arange(positions.shape[1], dtype=jnp.int32), positions.shape)
@@ -221,6 +224,11 @@ class MAELMModel(nn.Module):
     mask_row = None if opts.no_fill_mask else self.encoder.embed(jnp.asarray(vocab.MASK))
     return fill_decoder_input(states, is_masked, is_pad | overflow, mask_row), overflow
 
+  def decode(self, decoder_input: jax.Array, is_pad: jax.Array) -> jax.Array:
+    """(B, n, C_dec) decoder states over the full block (its own positions, or the encoder's if shared)."""
+    pos_table = self.encoder.pos_embed.embedding if self.options.share_pos_emb else None
+    return self.decoder(decoder_input, is_pad, pos_table)
+
   def __call__(self, tokens, mask_rng):
     return self.loss_and_states(tokens, mask_rng)[:3]
 
@@ -228,8 +236,7 @@ class MAELMModel(nn.Module):
     """`__call__`'s (loss_sum, weight, metrics) plus {'decoder_input': (B, n, C_enc), 'is_masked': (B, n)}."""
     selection = select_masked_positions(tokens, mask_rng, self.mask_prob)
     dec_in, overflow = self.decoder_input(tokens, selection.is_masked)
-    pos_table = self.encoder.pos_embed.embedding if self.options.share_pos_emb else None
-    hidden = self.decoder(dec_in, tokens == vocab.PAD, pos_table)
+    hidden = self.decode(dec_in, tokens == vocab.PAD)
     gathered = jnp.take_along_axis(hidden, selection.indices[..., None], axis=1)  # (B, M_max, C_dec)
     logits = self.lm_head(gathered, self.encoder.embedding)
     targets = jnp.take_along_axis(tokens, selection.indices, axis=1)
