@@ -2,6 +2,7 @@
 
 import csv
 import gzip
+import importlib.util
 import math
 import pathlib
 import re
@@ -15,8 +16,12 @@ import scipy.stats
 from exlm_jax.analysis import effective_rank as er
 from exlm_jax.analysis import entropy as ent
 from exlm_jax.analysis import plots
+from exlm_jax import objectives
 from exlm_jax.analysis import repeated_mlm as rep
+from exlm_jax.objectives import repeated_mlm as repeated_mlm_objective
 from exlm_jax.data import vocab
+
+CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
 
 
 def _orthonormal(rng, rows, cols):
@@ -143,6 +148,14 @@ def test_per_sequence_mode():
   assert result.num_rows == mask.sum() + mask[:2].sum()
   # Versus the corpus rank of the same rows: all the directions together.
   assert er.GramAccumulator(d).update(seqs[:3], mask[:3]).rank(0.99).rank == 4
+
+
+def test_identical_rows_have_centred_rank_zero():
+  """A centred Gram of identical rows is all cancellation round-off: rank 0 in both modes, not noise."""
+  h = np.random.default_rng(4).normal(size=16) * 3.7
+  assert er.GramAccumulator(16).update(np.tile(h, (2700, 1))).rank(0.9, center=True).rank == 0
+  assert er.GramAccumulator(16).update(np.tile(h, (2700, 1))).rank(0.9, kind="linear").rank == 1
+  np.testing.assert_array_equal(er.per_sequence_ranks(np.tile(h, (2, 7, 1)), None, 0.9, center=True), [0, 0])
 
 
 def test_out_of_span_energy_and_principal_angles():
@@ -326,6 +339,64 @@ def test_repeat_and_mask_blocks_fixed_length(smiles_sequences):
   assert _within_binomial(rep.corrupted_semantics_ratio(out), p**k, int(out.source_content.sum()))
   element = rep.grain_transform(k, p).random_map({"tokens": blocks[0]}, np.random.default_rng(0))
   assert element["tokens"].shape == (n,) and element["all_masked"].shape == (n,)
+
+
+def _moses_blocks(smiles_sequences, n=64):
+  blocks = np.full((len(smiles_sequences), n), vocab.PAD, np.int32)
+  for row, seq in zip(blocks, smiles_sequences):
+    row[:len(seq)] = seq  # MOSES molecules are <= 51 tokens
+  return blocks
+
+
+@pytest.mark.data
+def test_jax_repeat_tokens_equals_numpy_transform(smiles_sequences):
+  blocks = _moses_blocks(smiles_sequences[:200])
+  k = 3
+  out = jax.device_get(jax.jit(repeated_mlm_objective.repeat_tokens, static_argnums=1)(jnp.asarray(blocks), k))
+  assert out.tokens.shape == (len(blocks), repeated_mlm_objective.repeated_length(64, k))
+  for b, block in enumerate(blocks):
+    ref = rep.repeat_and_mask(block, k, 0.0, np.random.default_rng(0))
+    t = ref.targets.size
+    np.testing.assert_array_equal(out.tokens[b, :t], ref.targets)
+    np.testing.assert_array_equal(out.positions[b, :t], ref.positions)
+    np.testing.assert_array_equal(out.copy_index[b, :t], ref.copy_index)
+    np.testing.assert_array_equal(out.content[b, :t], ref.content)
+    assert (out.tokens[b, t:] == vocab.PAD).all()
+
+
+@pytest.mark.data
+def test_repeated_mlm_objective_measures_p_and_p_to_the_k(smiles_sequences):
+  """The pretraining objective (configs/repeated_mlm_smiles_small.py) on real MOSES blocks: its measured
+  unreal-token ratio is p and its corrupted-semantics ratio p^k."""
+  spec = importlib.util.spec_from_file_location("rmlm_config", CONFIGS / "repeated_mlm_smiles_small.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config("size=tiny,k=3,fixed=corrupted,ratio=0.125")
+  assert config.mask_prob == pytest.approx(0.5) and config.seq_len == 64
+  assert [(d["repeated_mlm.num_copies"], round(d["mask_prob"], 4)) for d in module.get_sweep("ratio=0.25")] == [
+      (1, 0.25), (2, 0.5), (4, round(0.25**0.25, 4))]
+  config.model.update(vocab_size=64, num_layers=1)
+  objective = objectives.get("repeated_mlm")
+  objective.validate(config)
+  num = 400
+  blocks = jnp.asarray(_moses_blocks(smiles_sequences[:num]))
+  params = jax.jit(lambda rng: objectives.base.init_params(objective, config, rng))(jax.random.PRNGKey(0))
+  model = objective.make_model(config, True)
+  loss, weight, metrics = jax.jit(model.apply)({"params": params}, blocks, jax.random.PRNGKey(1))
+  ratio = lambda name: float(metrics[name][0] / metrics[name][1])  # noqa: E731
+  content_tokens = sum(len(s) - 2 for s in smiles_sequences[:num])
+  assert float(metrics["corrupted_ratio"][1]) == content_tokens
+  assert _within_binomial(ratio("unreal_ratio"), 0.5, 3 * content_tokens)
+  assert _within_binomial(ratio("corrupted_ratio"), 0.125, content_tokens)
+  assert float(weight) == float(metrics["unreal_ratio"][0]) and float(metrics["overflow"][0]) == 0
+  assert np.isfinite(float(loss)) and float(loss) > 0
+  config.repeated_mlm.loss = "lost"
+  _, weight_lost, metrics = jax.jit(objective.make_model(config, True).apply)(
+      {"params": params}, blocks[:32], jax.random.PRNGKey(1))
+  assert float(weight_lost) == 3 * float(metrics["corrupted_ratio"][0])  # every copy of each lost token
+  config.repeated_mlm.loss = "some"
+  with pytest.raises(ValueError, match="repeated_mlm.loss"):
+    objective.validate(config)
 
 
 def test_solve_and_grid():

@@ -90,6 +90,19 @@ def _flatten_rows(states, mask=None) -> np.ndarray:
   return states[mask]
 
 
+def gram_eigenvalues(gram, scale) -> np.ndarray:
+  """(..., r, r) Gram matrices -> (..., r) eigenvalues (squared singular values), descending.
+
+  `scale` (...) is the round-off scale: the energy of the UNCENTRED rows (trace of their Gram), times
+  N / r for a Gram summed over N > r rows. Values under r * eps * scale are round-off -- of the
+  eigen-solver, the summation, and the cancellation in a centred Gram (identical rows must give rank
+  0, not noise) -- and are set to 0; real spectra hold their energy far above it.
+  """
+  values = np.linalg.eigvalsh(gram)[..., ::-1]
+  floor = gram.shape[-1] * np.finfo(np.float64).eps * np.asarray(scale, np.float64)[..., None]
+  return np.where(values > floor, values, 0.0)
+
+
 class GramAccumulator:
   """Streams row vectors into G = sum h h^T (float64), the row sum and the row count."""
 
@@ -128,14 +141,8 @@ class GramAccumulator:
     return self.centered_gram() if center else self.gram
 
   def eigenvalues(self, center: bool = False) -> np.ndarray:
-    """(d,) eigenvalues of G (= squared singular values of H), descending.
-
-    Values under d * eps * max (the round-off level of the Gram route, where H's singular values
-    below ~sqrt(d * eps) * s_1 cannot be resolved) are set to 0, so they do not inflate 'linear' sums.
-    """
-    values = np.linalg.eigvalsh(self._gram(center))[::-1]
-    floor = self.dim * np.finfo(np.float64).eps * max(values[0], 0.0)
-    return np.where(values > floor, values, 0.0)
+    """(d,) eigenvalues of G (= squared singular values of H), descending, round-off set to 0."""
+    return gram_eigenvalues(self._gram(center), np.trace(self.gram) * max(1.0, self.count / self.dim))
 
   def rank(self, energy: float = 0.9, center: bool = False, kind: str = "squared") -> RankResult:
     value = effective_rank(self.eigenvalues(center), energy, kind, spectrum="gram")
@@ -193,13 +200,17 @@ def per_sequence_ranks(states, mask=None, energy: float = 0.9, center: bool = Fa
   states = np.asarray(states, np.float64)
   mask = np.ones(states.shape[:2], bool) if mask is None else np.asarray(mask, bool)
   counts = mask.sum(axis=1)
+  scale = np.einsum("bld,bl->b", states**2, mask)  # uncentred energy: the round-off scale
   if center:
     means = (states * mask[..., None]).sum(axis=1) / np.maximum(counts, 1)[:, None]
     states = states - means[:, None, :]
-  # Zero rows leave the singular values unchanged (they only add zeros), so ragged masks batch.
+  # Zero rows leave the singular values unchanged (they only add zeros), so ragged masks batch. The
+  # squared singular values are the eigenvalues of the smaller Gram matrix, (L, L) or (d, d): far
+  # cheaper than an SVD, and exact enough for energy thresholds (see `gram_eigenvalues`).
   states = np.where(mask[..., None], states, 0.0)
-  singular = np.linalg.svd(states, compute_uv=False)
-  ranks = effective_rank(singular, energy, kind)
+  transposed = states.swapaxes(1, 2)
+  gram = states @ transposed if states.shape[1] <= states.shape[2] else transposed @ states
+  ranks = effective_rank(gram_eigenvalues(gram, scale), energy, kind, spectrum="gram")
   return np.where(counts > 0, ranks, -1)
 
 

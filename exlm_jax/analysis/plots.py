@@ -38,16 +38,19 @@ def plot_rank_vs_layer(results: Mapping[tuple[str, int], RankResult], path, titl
     raise ValueError("no rank results to plot")
   first = _one_setting(results)
   fig, ax = plt.subplots(figsize=(6, 4))
-  for group, (layers, ranks) in rank_curves(results).items():
+  curves = rank_curves(results)
+  for group, (layers, ranks) in curves.items():
     ax.plot(layers, ranks, marker="o", label=group)
-  if show_dim:
+  top = max(float(np.nanmax(ranks)) for _, ranks in curves.values())
+  if show_dim and top >= first.dim / 4:  # else the line would squash the curves; d goes in the label
     ax.axhline(first.dim, color="gray", linestyle="--", linewidth=1, label=f"d = {first.dim}")
   mode = "corpus" if first.mode == CORPUS else "per-sequence mean"
   ax.set_title(f"{title}\nthreshold: {first.energy:g} of {first.kind} singular-value energy, {mode}, "
                f"{'centred' if first.centered else 'uncentred'}")
   ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
   ax.set_xlabel("layer (0 = embeddings)")
-  ax.set_ylabel("effective rank")
+  ax.set_ylabel(f"effective rank (d = {first.dim})" if show_dim else "effective rank")
+  ax.set_ylim(bottom=0)
   ax.grid(alpha=0.3)
   ax.legend(fontsize=8)
   return _save(fig, path)
@@ -110,4 +113,21 @@ def plot_dag_alignment(transitions, path_targets, target_tokens: Sequence[str], 
   ax.set_ylabel("from state u (emitted target)")
   ax.set_title(title)
   ax.legend(loc="lower left", fontsize=8)  # the lower triangle (v <= u) is always empty
+  return _save(fig, path)
+
+
+def plot_repeated_mlm(points: Sequence[Mapping[str, float]], path, title: str = "Repeated-MLM grid") -> str:
+  """Measured (markers) and expected (lines) unreal / corrupted ratios against k; one dict per (p, k) point
+  with keys k, p, expected_corrupted_ratio, measured_unreal_ratio, measured_corrupted_ratio."""
+  ks = [p["k"] for p in points]
+  fig, ax = plt.subplots(figsize=(6, 4))
+  ax.plot(ks, [p["p"] for p in points], "--", color="C0", label="unreal ratio, expected p")
+  ax.plot(ks, [p["measured_unreal_ratio"] for p in points], "o", color="C0", label="unreal ratio, measured")
+  ax.plot(ks, [p["expected_corrupted_ratio"] for p in points], "--", color="C1", label="corrupted ratio, expected p^k")
+  ax.plot(ks, [p["measured_corrupted_ratio"] for p in points], "s", color="C1", label="corrupted ratio, measured")
+  ax.set_xlabel("copies per token k")
+  ax.set_ylabel("ratio")
+  ax.set_title(title)
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=8)
   return _save(fig, path)

@@ -16,6 +16,9 @@ Choices (the paper leaves them open):
 Fixed-length blocks (`repeat_and_mask_block`): a block `<s> x_1..x_L </s> <pad>..` of n slots grows
 to 2 + k L slots; when that exceeds the output length the content is cut to its longest prefix that
 still fits with a closing `</s>`, and the result is padded back to the output length.
+
+The pilot as a pretraining objective is exlm_jax/objectives/repeated_mlm.py (the same transform in
+JAX inside the jitted step; config configs/repeated_mlm_smiles_small.py).
 """
 
 from __future__ import annotations

@@ -8,11 +8,4 @@ encoder-only hand-off used by fine-tuning.
 from exlm_jax.objectives.base import Objective, get, names, register  # noqa: F401
 
 # Import the built-in objectives so they register themselves.
-from exlm_jax.objectives import mlm  # noqa: F401,E402
-
-for _optional in ("maelm", "exlm"):
-  try:
-    __import__(f"exlm_jax.objectives.{_optional}")
-  except ModuleNotFoundError as e:  # not written yet in this checkout
-    if e.name != f"exlm_jax.objectives.{_optional}":
-      raise
+from exlm_jax.objectives import exlm, maelm, mlm, repeated_mlm  # noqa: F401,E402
