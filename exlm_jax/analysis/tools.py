@@ -55,6 +55,7 @@ class Run:
   tokenizer: Any
   params: Any
   step: int
+  jitted: dict = dataclasses.field(default_factory=dict, repr=False)  # (tool fn, extra) -> jitted fn
 
   @property
   def objective(self) -> str:
@@ -188,15 +189,12 @@ def _jsonable(x):
 # ----------------------------------------------------------------------------------------------
 
 
-_JITTED: dict[tuple, Any] = {}
-
-
 def _cached(run: Run, name: str, build, *extra):
-  """One jitted function per (run, tool function, extra), so repeated tool calls (report) skip compiles."""
-  key = (run.workdir, run.step, name, *extra)
-  if key not in _JITTED:
-    _JITTED[key] = build()
-  return _JITTED[key]
+  """One jitted function per (tool function, extra) on `run`, so repeated tool calls (report) skip compiles."""
+  key = (name, *extra)
+  if key not in run.jitted:
+    run.jitted[key] = build()
+  return run.jitted[key]
 
 
 def _hidden_fn(run: Run):
