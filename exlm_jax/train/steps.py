@@ -139,7 +139,7 @@ class TrainSetup:
     updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     out = {name: s / jnp.maximum(c, 1e-9) for name, (s, c) in metrics.items()}
-    out.update(loss=loss_sum * scale, grad_norm=optax.global_norm(grads),
+    out.update(loss=loss_sum * scale, grad_norm=optax.tree.norm(grads),
                learning_rate=self.schedule(state.step), weight=weight)
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state), out
 
