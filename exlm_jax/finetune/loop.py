@@ -23,7 +23,6 @@ A seed whose seed_<s>/result.json exists is not run again (delete it, or the wor
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import json
@@ -139,8 +138,7 @@ def validate_config(config, num_devices: int) -> None:
   unknown = sorted(set(config.model.keys()) - set(MODEL_OVERRIDES))
   if unknown:
     raise ValueError(f"config.model may only override {MODEL_OVERRIDES} of the pretrained encoder, got {unknown}")
-  mesh = partitioning.mesh_shape(config.mesh, num_devices)
-  dp = math.prod(s for a, s in zip(partitioning.MESH_AXES, mesh) if a in partitioning.BATCH_AXES)
+  dp = partitioning.data_parallel_size(config.mesh, num_devices)
   for field in ("batch_size", "eval_batch_size"):
     if config[field] % (dp * jax.process_count()):
       raise ValueError(f"{field}={config[field]} must be divisible by the data-parallel size {dp} "
@@ -339,11 +337,9 @@ class FinetuneSetup:
     self._copy = jax.jit(lambda p: jax.tree.map(jnp.copy, p), in_shardings=(self.state_sharding.params,),
                          out_shardings=self.state_sharding.params)
 
-  @contextlib.contextmanager
   def context(self):
     """The mesh and logical-axis rules every traced function runs under."""
-    with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
-      yield
+    return partitioning.mesh_context(self.mesh, self.rules)
 
   # -- traced ----------------------------------------------------------------------------------
 
@@ -538,8 +534,7 @@ def train_seed(config, setup: FinetuneSetup, task: tasks_lib.TaskData, encoded: 
     # Host copies on a single process: Orbax would otherwise compile a slice per replicated shape.
     params = jax.device_get(best_params) if jax.process_count() == 1 else best_params
     checkpoint.save(manager, best["step"], {"params": params}, force=True)
-    manager.wait_until_finished()
-    manager.close()
+    checkpoint.finish(manager)
   return {"seed": seed, "best_step": best["step"], "best_epoch": best["epoch"], "total_steps": total_steps,
           "selection": {selection: best["metrics"]}, "report": report, "last_train": last_train,
           "last_eval": last_eval, "history": history, "wall_time_s": time.perf_counter() - started}

@@ -172,10 +172,6 @@ class PreemptionWatcher:
       self.stopped_at = int(step)
     return hit
 
-  @property
-  def requested(self) -> bool:
-    return self.stopped_at is not None
-
   def __exit__(self, *exc):
     if self._previous is not None:
       signal.signal(signal.SIGTERM, self._previous)

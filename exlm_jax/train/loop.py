@@ -7,7 +7,6 @@ writing `final_metrics.json` and printing where everything went.
 
 from __future__ import annotations
 
-import math
 import os
 import time
 
@@ -41,8 +40,7 @@ def validate_config(config, num_devices: int, process_count: int = 1) -> None:
   for field in ("log_every", "eval_every", "checkpoint_every", "grad_accum_steps"):
     if config[field] <= 0:
       raise ValueError(f"{field}={config[field]} must be positive")
-  mesh = partitioning.mesh_shape(config.mesh, num_devices)
-  dp = math.prod(s for a, s in zip(partitioning.MESH_AXES, mesh) if a in partitioning.BATCH_AXES)
+  dp = partitioning.data_parallel_size(config.mesh, num_devices)
   unit = dp * config.grad_accum_steps
   if config.batch_size % unit:
     raise ValueError(f"batch_size={config.batch_size} must be divisible by data-parallel size {dp} x "

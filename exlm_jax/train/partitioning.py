@@ -19,6 +19,7 @@ mesh axes is left unsharded (e.g. a 27-token vocabulary on tensor=2) rather than
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any, Sequence
 
@@ -188,8 +189,9 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
-def data_parallel_size(mesh: Mesh) -> int:
-  return math.prod(mesh.shape[a] for a in BATCH_AXES)
+def data_parallel_size(mesh_cfg, num_devices: int) -> int:
+  """How many ways the batch is split (the product of the batch axes) for config.mesh on num_devices."""
+  return math.prod(s for a, s in zip(MESH_AXES, mesh_shape(mesh_cfg, num_devices)) if a in BATCH_AXES)
 
 
 def _axes_size(mesh: Mesh, entry) -> int:
@@ -259,3 +261,10 @@ def assert_params_sufficiently_sharded(abstract_params, shardings, mesh: Mesh, c
         "config.logical_axis_rules, make the dimensions divisible by the mesh axes, or raise "
         "config.sharding_tolerance")
   return report
+
+
+@contextlib.contextmanager
+def mesh_context(mesh: Mesh, rules):
+  """`jax.set_mesh(mesh)` + `nn.logical_axis_rules(rules)`: active while tracing and calling jitted steps."""
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    yield

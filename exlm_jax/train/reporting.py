@@ -44,10 +44,6 @@ class Writer:
       self._writer.add_scalar(f"{prefix}{name}", float(value), step)
     self._writer.flush()
 
-  def text(self, step: int, name: str, value: str) -> None:
-    if self._writer is not None:
-      self._writer.add_text(name, value, step)
-
   def close(self) -> None:
     if self._writer is not None:
       self._writer.close()

@@ -55,6 +55,7 @@ class TrainSetup:
   schedule: optax.Schedule
   state_sharding: Any
   batch_sharding: NamedSharding
+  state_shapes: Any = None  # TrainState of ShapeDtypeStructs with their shardings (see abstract_state)
 
   @classmethod
   def create(cls, config, mesh: Mesh) -> "TrainSetup":
@@ -66,6 +67,8 @@ class TrainSetup:
     with setup.context():
       boxed = jax.eval_shape(setup._boxed_state, jax.random.PRNGKey(0))
       setup.state_sharding = partitioning.shardings_from_boxed(boxed, mesh, rules)
+    setup.state_shapes = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                                      nn.meta.unbox(boxed), setup.state_sharding)
     setup._init = jax.jit(setup._init_state, out_shardings=setup.state_sharding)
     setup._train = jax.jit(setup._train_step, in_shardings=(setup.state_sharding, setup.batch_sharding),
                            out_shardings=(setup.state_sharding, partitioning.replicated(mesh)),
@@ -82,7 +85,7 @@ class TrainSetup:
 
   def context(self):
     """Mesh + logical rules, active while tracing and calling the jitted functions."""
-    return _Context(self.mesh, self.rules)
+    return partitioning.mesh_context(self.mesh, self.rules)
 
   @property
   def base_key(self) -> jax.Array:
@@ -174,10 +177,7 @@ class TrainSetup:
 
   def abstract_state(self) -> TrainState:
     """Shapes/dtypes/shardings of the state, for restoring checkpoints onto this mesh."""
-    with self.context():
-      shapes = jax.eval_shape(self._init_state, jax.random.PRNGKey(0))
-    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes,
-                        self.state_sharding)
+    return self.state_shapes
 
   def compile_train_step(self):
     """AOT-lowers and compiles the train step for this mesh (no data, no device memory for state)."""
@@ -189,23 +189,3 @@ class TrainSetup:
   def num_params(self) -> int:
     shapes = self.abstract_state().params
     return int(sum(math.prod(x.shape) for x in jax.tree.leaves(shapes)))
-
-
-class _Context:
-  """`with jax.set_mesh(mesh), nn.logical_axis_rules(rules):` as one re-usable object."""
-
-  def __init__(self, mesh, rules):
-    self._mesh, self._rules = mesh, rules
-    self._stack = []
-
-  def __enter__(self):
-    managers = [jax.set_mesh(self._mesh), nn.logical_axis_rules(self._rules)]
-    for m in managers:
-      m.__enter__()
-    self._stack.append(managers)
-    return self
-
-  def __exit__(self, *exc):
-    for m in reversed(self._stack.pop()):
-      m.__exit__(*exc)
-    return False
