@@ -91,10 +91,6 @@ def default_metrics(task_type: str) -> tuple[tuple[str, ...], str]:
   raise ValueError(f"task_type={task_type!r}; choose one of {TASK_TYPES}")
 
 
-def higher_is_better(metric: str) -> bool:
-  return metric not in _LOWER_IS_BETTER
-
-
 def is_improvement(metric: str, new: float, best: float | None) -> bool:
   """Whether `new` beats `best` for model selection (None = nothing yet; NaN never wins)."""
   if not np.isfinite(new):

@@ -112,16 +112,6 @@ class TaskData:
     return line + (f"; {max(invalid)} invalid SMILES skipped" if max(invalid, default=0) else "")
 
 
-def load_task(name: str, **kwargs) -> TaskData:
-  """A GLUE task (`load_glue`) or a registered MoleculeNet task (`load_moleculenet`) by name."""
-  key = name.lower()
-  if key.replace("-", "") in GLUE_TASKS:
-    return load_glue(key, **kwargs)
-  if key in MOLECULENET:
-    return load_moleculenet(key, **kwargs)
-  raise ValueError(f"unknown task {name!r}; GLUE: {', '.join(GLUE_TASKS)}; MoleculeNet: {', '.join(MOLECULENET)}")
-
-
 def _data_root(root: PathLike | None) -> pathlib.Path:
   root = pathlib.Path(root) if root is not None else paths.data_dir()
   if root is None:
