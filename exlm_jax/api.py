@@ -258,29 +258,18 @@ def make_masked_logits_fn(objective: str, config: ml_collections.ConfigDict, exl
   """
   from exlm_jax import objectives  # pylint: disable=g-import-not-at-top  (registers all objectives)
   module = objectives.get(objective).make_model(config, True)
-  gather = lambda x, slots: jnp.take_along_axis(x, slots[..., None], axis=1)
 
-  if objective == "mlm":
+  if objective in ("mlm", "maelm"):
     def body(m, tokens, slots):
       return m.predict(tokens, slots)
-  elif objective == "maelm":
-    def body(m, tokens, slots):
-      # Inference may mask fewer slots than training: keep room for every real token (capacity n).
-      dec_in, _ = m.decoder_input(tokens, tokens == vocab.MASK, capacity=tokens.shape[1])
-      hidden = m.decode(dec_in, tokens == vocab.PAD)
-      return m.lm_head(gather(hidden, slots), m.encoder.embedding)
   elif objective == "exlm":
-    from exlm_jax.objectives import exlm  # pylint: disable=g-import-not-at-top
     if exlm_copies not in ("mixture", "first"):
       raise ValueError(f"exlm_copies={exlm_copies!r}; choose 'mixture' or 'first'")
 
     def body(m, tokens, slots):
       batch, num_slots = slots.shape
       k = m.num_copies
-      ex = exlm.expand(tokens, tokens == vocab.MASK, k, num_slots + 2)
-      copy_index = ex.copy_index if m.positions == "rope2d" else jnp.zeros_like(ex.copy_index)
-      hidden = m.encoder(ex.tokens, ex.positions, copy_index, ex.padding_mask)
-      logits = m.lm_head(gather(hidden, ex.vertex_slot), m.encoder.embedding)  # (B, k G, V)
+      _, _, _, logits = m.expanded_logits(tokens, tokens == vocab.MASK, num_slots + 2)  # (B, k G, V)
       logp = jax.nn.log_softmax(logits.reshape(batch, num_slots + 2, k, -1)[:, 1:-1], axis=-1)  # masks only
       if exlm_copies == "first":
         return logp[:, :, 0]

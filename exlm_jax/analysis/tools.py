@@ -77,19 +77,14 @@ class Run:
 
 
 def load_run(workdir: str) -> Run:
-  """Config, tokenizer and latest params of a workdir written by `train_and_evaluate`."""
-  from exlm_jax.data import tokenizers  # pylint: disable=g-import-not-at-top
-  from exlm_jax.train import checkpoint  # pylint: disable=g-import-not-at-top
-  workdir = os.path.abspath(os.path.expanduser(workdir))
-  config_path = os.path.join(workdir, "config.json")
-  if not os.path.exists(config_path):
-    raise FileNotFoundError(f"{workdir} has no config.json; pass a pretraining workdir written by main.py")
-  with open(config_path) as f:
-    config = ml_collections.ConfigDict(json.load(f))
-  if "finetune" in config:
-    raise ValueError(f"{workdir} is a fine-tuning run; the analyses need a pretraining workdir")
-  params, step = checkpoint.restore_params(workdir)
-  return Run(workdir, config, tokenizers.load(os.path.join(workdir, "tokenizer")), params, int(step))
+  """Config, tokenizer and latest params (only the params: no optimizer state) of a pretraining run."""
+  from exlm_jax import api  # pylint: disable=g-import-not-at-top
+  location = api.resolve_run(workdir)
+  if location.kind == "finetune":
+    raise ValueError(f"{location.workdir} is a fine-tuning run; the analyses need a pretraining workdir")
+  config = ml_collections.ConfigDict(api.read_json(location.workdir / api.CONFIG_FILE))
+  params, step = api.restore_params(location.checkpoint_dir, location.step)
+  return Run(str(location.workdir), config, api.load_tokenizer(location.workdir), params, int(step))
 
 
 def _as_run(run) -> Run:
@@ -368,7 +363,7 @@ def _masked_entropy_fn(run: Run):
 def exlm_analysis_body(m, tokens, is_masked):
   """ExLM, one fixed mask: (outputs, Viterbi path (B, S), posteriors gamma (B, G, S), score (B,))."""
   from exlm_jax.objectives import dag  # pylint: disable=g-import-not-at-top
-  out = m.forward(tokens, is_masked)
+  out, score, path = m.best_alignment(tokens, is_masked)
   ex = out.expansion
   num_targets = jnp.maximum(ex.num_targets, 1)
   num_vertices = jnp.where(ex.num_targets > 0, ex.num_vertices, 1)
@@ -377,10 +372,7 @@ def exlm_analysis_body(m, tokens, is_masked):
     ll = dag.dag_log_likelihood(emit, out.trans_logp, num_targets, num_vertices)
     return jnp.sum(jnp.where(jnp.isfinite(ll), ll, 0.0))
 
-  gamma = jax.grad(total_ll)(out.emit_logp)
-  score, path = dag.dag_best_path(out.emit_logp, out.trans_logp, num_targets, num_vertices)
-  path = jnp.where(ex.vertex_valid, path, -1)
-  return out, path, gamma, jnp.where(ex.num_targets > 0, score, -jnp.inf)
+  return out, path, jax.grad(total_ll)(out.emit_logp), score
 
 
 def _exlm_entropy_fn(run: Run, mask_ratio: float):

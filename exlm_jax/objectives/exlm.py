@@ -269,17 +269,22 @@ class ExLMModel(nn.Module):
     if self.transitions == "dag":
       self.transition_head = TransitionHead(self.cfg, self.max_link_positions, name="transition_head")
 
+  def expanded_logits(self, tokens: Array, is_masked: Array, num_groups: int):
+    """Expansion of (B, n) blocks into `num_groups` padded groups of k copies, the encoder's (B, L', D)
+    states, the (B, S, D) states at the S = k * num_groups vertices and their (B, S, V) vocabulary logits."""
+    ex = expand(tokens, is_masked, self.num_copies, num_groups)
+    copy_index = ex.copy_index if self.positions == "rope2d" else jnp.zeros_like(ex.copy_index)
+    hidden = self.encoder(ex.tokens, ex.positions, copy_index, ex.padding_mask)
+    states = jnp.take_along_axis(hidden, ex.vertex_slot[..., None], axis=1)
+    return ex, hidden, states, self.lm_head(states, self.encoder.embedding)
+
   def forward(self, tokens: Array, is_masked: Array) -> ExLMOutputs:
     """Everything for one fixed mask: tokens (B, n) original blocks, is_masked (B, n)."""
     seq_len = tokens.shape[1]
     length_max = max_expanded_length(self.mask_prob, seq_len, self.num_copies)
     if self.transitions == "dag" and self.max_link_positions < length_max:
       raise ValueError(f"exlm.max_link_positions={self.max_link_positions} < expanded length {length_max}")
-    ex = expand(tokens, is_masked, self.num_copies, max_groups(self.mask_prob, seq_len))
-    copy_index = ex.copy_index if self.positions == "rope2d" else jnp.zeros_like(ex.copy_index)
-    hidden = self.encoder(ex.tokens, ex.positions, copy_index, ex.padding_mask)
-    states = jnp.take_along_axis(hidden, ex.vertex_slot[..., None], axis=1)  # (B, S, D)
-    logits = self.lm_head(states, self.encoder.embedding)
+    ex, hidden, states, logits = self.expanded_logits(tokens, is_masked, max_groups(self.mask_prob, seq_len))
     emit_logp = target_emissions(logits, ex.targets)
     # Empty rows get a 1-target, 1-vertex problem so everything stays finite; weighted 0 below.
     num_targets = jnp.maximum(ex.num_targets, 1)

@@ -229,6 +229,16 @@ class MAELMModel(nn.Module):
     pos_table = self.encoder.pos_embed.embedding if self.options.share_pos_emb else None
     return self.decoder(decoder_input, is_pad, pos_table)
 
+  def predict(self, inputs, positions_to_predict):
+    """Logits (B, P, V) at given positions of an input with [MASK] there (for the API / analyses).
+
+    Inference may mask fewer slots than training, so the encoder keeps room for every token (capacity n).
+    """
+    dec_in, _ = self.decoder_input(inputs, inputs == vocab.MASK, capacity=inputs.shape[1])
+    hidden = self.decode(dec_in, inputs == vocab.PAD)
+    gathered = jnp.take_along_axis(hidden, positions_to_predict[..., None], axis=1)
+    return self.lm_head(gathered, self.encoder.embedding)
+
   def __call__(self, tokens, mask_rng):
     return self.loss_and_states(tokens, mask_rng)[:3]
 
