@@ -46,7 +46,7 @@ from exlm_jax.finetune import model as model_lib
 from exlm_jax.finetune import tasks as tasks_lib
 from exlm_jax.finetune.encoding import encode_examples
 from exlm_jax.finetune.metrics import compute_metrics, is_improvement
-from exlm_jax.models.encoder import Encoder, ModelConfig
+from exlm_jax.models.encoder import ModelConfig
 from exlm_jax.train import checkpoint, optim, partitioning, reporting, steps
 from exlm_jax.train.reporting import note
 
@@ -247,15 +247,12 @@ class Initialisation:
   source: str = ""
 
 
-def abstract_encoder_params(model_config: ModelConfig):
-  """Shapes/dtypes of a fresh Encoder's params (unboxed)."""
-  return jax.eval_shape(lambda: nn.meta.unbox(
-      Encoder(model_config).init(jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32))["params"]))
-
-
 def check_encoder_tree(encoder, model_config: ModelConfig, source: str) -> None:
   """Fails loudly unless `encoder` has exactly the leaves and shapes of an Encoder(model_config)."""
-  model_lib.check_same_tree(abstract_encoder_params(model_config), encoder, f"the encoder of {source}")
+  problems = objectives.base.encoder_tree_problems(encoder, model_config)
+  if problems:
+    raise ValueError(f"the encoder of {source} does not match the fine-tuning encoder: " + "; ".join(problems) +
+                     " -- is init_from a checkpoint of the same model size/positions as its config.json?")
 
 
 def pretrained_encoder(init_from: str, overrides: dict | None = None) -> Initialisation:

@@ -18,11 +18,9 @@ Shapes: B batch, L length, D width, C = num_outputs (classes or targets/tasks).
 
 from __future__ import annotations
 
-import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from exlm_jax.data import vocab
 from exlm_jax.finetune.metrics import TASK_TYPES
@@ -113,28 +111,3 @@ def task_loss(task_type: str, outputs: jax.Array, labels: jax.Array, mask: jax.A
   else:
     raise ValueError(f"task_type={task_type!r}; choose one of {TASK_TYPES}")
   return loss_sum, count, {"loss": (loss_sum, count)}
-
-
-# ----------------------------------------------------------------------------------------------
-# Encoder hand-off
-# ----------------------------------------------------------------------------------------------
-
-
-def flat_shapes(tree) -> dict[str, tuple[int, ...]]:
-  """'a/b/c' -> shape for every leaf of a (possibly boxed) param tree."""
-  flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(nn.meta.unbox(tree)))
-  return {"/".join(map(str, k)): tuple(np.shape(v)) for k, v in flat.items()}
-
-
-def check_same_tree(expected, got, what: str) -> None:
-  """Raises one ValueError naming missing / unexpected / wrongly shaped leaves of `got`."""
-  want, have = flat_shapes(expected), flat_shapes(got)
-  missing = sorted(want.keys() - have.keys())
-  unexpected = sorted(have.keys() - want.keys())
-  wrong = sorted(f"{k} {have[k]} != {want[k]}" for k in want.keys() & have.keys() if want[k] != have[k])
-  problems = [f"{label} {items[:5]}{' ...' if len(items) > 5 else ''} ({len(items)})"
-              for label, items in (("missing", missing), ("unexpected", unexpected), ("wrong shapes", wrong))
-              if items]
-  if problems:
-    raise ValueError(f"{what} does not match the fine-tuning encoder: " + "; ".join(problems) +
-                     " -- is init_from a checkpoint of the same model size/positions as its config.json?")

@@ -16,13 +16,15 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable
 
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
 from exlm_jax.data import vocab
-from exlm_jax.models.encoder import ModelConfig
+from exlm_jax.models.encoder import Encoder, ModelConfig
 
 _REGISTRY: dict[str, "Objective"] = {}
 
@@ -68,6 +70,24 @@ def encoder_subtree(params, key: str = "encoder"):
     raise KeyError(f"checkpoint has no {key!r} sub-tree (top-level keys: {sorted(params)}); "
                    "is it a pretraining checkpoint of this codebase?")
   return params[key]
+
+
+def _flat_shapes(tree) -> dict[str, tuple[int, ...]]:
+  """'a/b/c' -> shape for every leaf of a (possibly boxed) param tree."""
+  flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(nn.meta.unbox(tree)))
+  return {"/".join(map(str, path)): tuple(np.shape(leaf)) for path, leaf in flat.items()}
+
+
+def encoder_tree_problems(tree, model_cfg: ModelConfig, limit: int = 5) -> list[str]:
+  """How `tree` differs from a fresh Encoder(model_cfg)'s params: 'missing [...] (n)', 'unexpected [...] (n)',
+  'wrong shapes [...] (n)' (at most `limit` names each); empty when it is exactly an Encoder's params."""
+  expected = jax.eval_shape(lambda: Encoder(model_cfg).init(jax.random.PRNGKey(0), dummy_tokens(1, 4))["params"])
+  want, have = _flat_shapes(expected), _flat_shapes(tree)
+  missing = sorted(want.keys() - have.keys())
+  unexpected = sorted(have.keys() - want.keys())
+  wrong = sorted(f"{k} {have[k]} != {want[k]}" for k in want.keys() & have.keys() if want[k] != have[k])
+  return [f"{label} {items[:limit]}{' ...' if len(items) > limit else ''} ({len(items)})"
+          for label, items in (("missing", missing), ("unexpected", unexpected), ("wrong shapes", wrong)) if items]
 
 
 def model_config(config: ml_collections.ConfigDict, **overrides) -> ModelConfig:

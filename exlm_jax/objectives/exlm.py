@@ -25,7 +25,6 @@ import math
 from typing import NamedTuple
 
 import flax.linen as nn
-from flax import traverse_util
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -423,17 +422,9 @@ def encoder_params(params, config: ml_collections.ConfigDict | None = None):
   """
   tree = base.encoder_subtree(params)
   model_cfg = base.model_config(config) if config is not None else infer_model_config(tree)
-  expected = jax.eval_shape(
-      lambda: Encoder(model_cfg).init(jax.random.PRNGKey(0), jnp.zeros((1, 2), jnp.int32))["params"])
-  flat = lambda t: {"/".join(path): leaf.shape for path, leaf in traverse_util.flatten_dict(nn.unbox(t)).items()}
-  want, got = flat(expected), flat(tree)
-  missing = sorted(set(want) - set(got))
-  unexpected = sorted(set(got) - set(want))
-  mismatched = sorted(f"{key} {got[key]} != {want[key]}" for key in set(want) & set(got)
-                      if tuple(got[key]) != tuple(want[key]))
-  if missing or unexpected or mismatched:
-    raise ValueError(f"'encoder' params do not match an Encoder: missing {missing}, unexpected {unexpected}, "
-                     f"mis-shaped {mismatched}")
+  problems = base.encoder_tree_problems(tree, model_cfg)
+  if problems:
+    raise ValueError("'encoder' params do not match an Encoder: " + "; ".join(problems))
   return tree
 
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 import dataclasses
 from typing import NamedTuple
 
-import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -320,11 +319,6 @@ def make_model(config: ml_collections.ConfigDict, deterministic: bool) -> MAELMM
   return MAELMModel(enc, decoder_config(enc, knobs), float(config.mask_prob), options, deterministic)
 
 
-def _flat_shapes(tree) -> dict[tuple[str, ...], tuple[int, ...]]:
-  flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(nn.meta.unbox(tree)))
-  return {path: tuple(np.shape(leaf)) for path, leaf in flat.items()}
-
-
 _ENCODER_KEYS = ("token_embed", "pos_embed", "rel_bias", "embed_ln", "stack")
 
 
@@ -341,15 +335,7 @@ def encoder_params(params, config: ml_collections.ConfigDict | None = None):
     if names - set(_ENCODER_KEYS):
       problems.append(f"unexpected {sorted(names - set(_ENCODER_KEYS))}")
   else:
-    expected = _flat_shapes(jax.eval_shape(
-        lambda: Encoder(base.model_config(config)).init(jax.random.PRNGKey(0), base.dummy_tokens(1, 4))["params"]))
-    got = _flat_shapes(tree)
-    missing = sorted("/".join(k) for k in expected.keys() - got.keys())
-    unexpected = sorted("/".join(k) for k in got.keys() - expected.keys())
-    wrong = sorted(f"{'/'.join(k)} {got[k]} != {expected[k]}" for k in expected.keys() & got.keys()
-                   if got[k] != expected[k])
-    problems = [f"{label} {items}" for label, items in
-                (("missing", missing), ("unexpected", unexpected), ("wrong shapes", wrong)) if items]
+    problems = base.encoder_tree_problems(tree, base.model_config(config))
   if problems:
     raise ValueError("MAE-LM 'encoder' sub-tree is not an Encoder's params: " + "; ".join(problems))
   return tree
