@@ -49,15 +49,6 @@ DEFAULT_VOCAB = {"tiny": 1000, "small": 8000, "base": 32768, "large": 32768}
 # -- configs and inputs -------------------------------------------------------------------------
 
 
-def _typed(old, text: str):
-  """`text` converted to the type of the config value `old` it replaces."""
-  if isinstance(old, bool):
-    if text.lower() not in ("true", "false", "1", "0"):
-      raise ValueError(f"expected true/false, got {text!r}")
-    return text.lower() in ("true", "1")
-  return type(old)(text) if isinstance(old, (int, float)) else text
-
-
 def apply_overrides(config, overrides: list[str]):
   """`--set a.b=value` overrides; keys under another objective's block are skipped for this row."""
   for item in overrides:
@@ -72,7 +63,7 @@ def apply_overrides(config, overrides: list[str]):
       node = node[name]
     if leaf not in node:
       raise ValueError(f"--set {item!r}: config has no key {key!r}")
-    node[leaf] = _typed(node[leaf], text)
+    node[leaf] = config_lib.typed_like(node[leaf], text, f"--set {key}")
   return config
 
 

@@ -39,15 +39,18 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
       if not isinstance(default, bool):
         raise ValueError(f"config argument {key!r} needs a value, e.g. {key}={default}")
       result[key] = True
-    elif isinstance(default, bool):
-      if value.lower() not in ("true", "false", "1", "0"):
-        raise ValueError(f"config argument {key}={value!r} must be true or false")
-      result[key] = value.lower() in ("true", "1")
-    elif default is None:
-      result[key] = value
     else:
-      result[key] = type(default)(value)
+      result[key] = typed_like(default, value, f"config argument {key}")
   return result
+
+
+def typed_like(default, text: str, what: str):
+  """`text` converted to the type of `default` (bool: true/false/1/0; None or str: the text itself)."""
+  if isinstance(default, bool):
+    if text.lower() not in ("true", "false", "1", "0"):
+      raise ValueError(f"{what}={text!r} must be true or false")
+    return text.lower() in ("true", "1")
+  return type(default)(text) if isinstance(default, (int, float)) else text
 
 
 def model_config(size: str = "small", **overrides) -> ml_collections.ConfigDict:
