@@ -1,8 +1,12 @@
-"""Fine-tuning metrics in numpy (GLUE and MoleculeNet definitions) and the GLUE task table.
+"""Fine-tuning metrics (GLUE and MoleculeNet definitions) and the GLUE task table.
 
-Every metric returns a Python float. Degenerate inputs give a defined value instead of NaN:
-MCC, Pearson and Spearman are 0.0 when either side is constant (sklearn's MCC convention, extended),
-F1 is 0.0 when there are no true or predicted positives. Non-finite predictions propagate as NaN.
+The maths is scikit-learn's and scipy's; these thin wrappers add our conventions. Every metric returns
+a Python float. Degenerate inputs give a defined value instead of NaN or an exception: MCC, Pearson and
+Spearman are 0.0 when either side is constant (sklearn's MCC convention, extended), F1 is 0.0 when
+there are no true or predicted positives. Non-finite predictions give NaN (never selected as the best
+checkpoint) for the correlations, ROC-AUC and the regression errors. Multi-task metrics score each task
+over its labelled entries only (label mask / NaN label), and ROC-AUC skips, and counts, tasks whose
+labelled entries hold a single class.
 
 Shapes: N examples, C classes, T tasks (label columns).
 """
@@ -14,6 +18,8 @@ import logging
 from typing import Sequence
 
 import numpy as np
+import scipy.stats
+from sklearn import metrics as skm
 
 log = logging.getLogger(__name__)
 
@@ -114,64 +120,50 @@ def _pair(preds, labels) -> tuple[np.ndarray, np.ndarray]:
   return preds, labels
 
 
+def _finite(*arrays) -> bool:
+  return all(np.all(np.isfinite(a)) for a in arrays)
+
+
+def _constant(x: np.ndarray) -> bool:
+  return bool(np.all(x == x[0]))
+
+
 def accuracy(preds, labels) -> float:
   """Fraction of exact matches. preds, labels: (N,) class ids."""
   preds, labels = _pair(preds, labels)
-  return float(np.mean(preds == labels))
+  return float(skm.accuracy_score(labels, preds))
 
 
 def f1_binary(preds, labels, positive: int = 1) -> float:
   """F1 of the positive class (GLUE MRPC/QQP). 0.0 when there are no true and no predicted positives."""
   preds, labels = _pair(preds, labels)
-  p, y = preds == positive, labels == positive
-  tp = np.sum(p & y)
-  denominator = 2 * tp + np.sum(p & ~y) + np.sum(~p & y)
-  return float(2 * tp / denominator) if denominator else 0.0
+  return float(skm.f1_score(labels == positive, preds == positive, zero_division=0.0))
 
 
 def matthews_corrcoef(preds, labels) -> float:
-  """Matthews correlation (multiclass form, as sklearn). 0.0 when preds or labels are constant."""
+  """Matthews correlation (multiclass form). 0.0 when preds or labels are constant."""
   preds, labels = _pair(preds, labels)
-  classes, inverse = np.unique(np.concatenate([labels, preds]), return_inverse=True)
-  n, k = labels.size, classes.size
-  confusion = np.zeros((k, k), np.float64)
-  np.add.at(confusion, (inverse[:n], inverse[n:]), 1.0)
-  true_sum, pred_sum = confusion.sum(1), confusion.sum(0)
-  cov_tp = np.trace(confusion) * n - true_sum @ pred_sum
-  cov_pp = n * n - pred_sum @ pred_sum
-  cov_tt = n * n - true_sum @ true_sum
-  if cov_pp * cov_tt == 0:
+  return float(skm.matthews_corrcoef(labels, preds))
+
+
+def _correlation(statistic, x, y) -> float:
+  """statistic(x, y).statistic in float64; NaN when a value is not finite, 0.0 when either side is constant."""
+  x, y = _pair(x, y)
+  if not _finite(x, y):
+    return float("nan")
+  if _constant(x) or _constant(y):
     return 0.0
-  return float(cov_tp / np.sqrt(cov_tt * cov_pp))
+  return float(statistic(x.astype(np.float64), y.astype(np.float64)).statistic)
 
 
 def pearson(x, y) -> float:
   """Pearson correlation. x, y: (N,). 0.0 when either is constant."""
-  x, y = _pair(x, y)
-  x, y = x.astype(np.float64) - x.mean(dtype=np.float64), y.astype(np.float64) - y.mean(dtype=np.float64)
-  norm = np.sqrt((x @ x) * (y @ y))
-  if norm == 0:
-    return 0.0
-  return float(np.clip((x @ y) / norm, -1.0, 1.0))
-
-
-def rankdata(x) -> np.ndarray:
-  """Ranks 1..N with ties given their average rank (scipy.stats.rankdata 'average'). x: (N,)."""
-  x = np.asarray(x).reshape(-1)
-  order = np.argsort(x, kind="mergesort")
-  sorted_x = x[order]
-  is_new = np.concatenate([[True], sorted_x[1:] != sorted_x[:-1]])
-  group = np.cumsum(is_new) - 1
-  starts = np.concatenate([np.flatnonzero(is_new), [x.size]])
-  ranks = np.empty(x.size, np.float64)
-  ranks[order] = 0.5 * (starts[group] + starts[group + 1] + 1)
-  return ranks
+  return _correlation(scipy.stats.pearsonr, x, y)
 
 
 def spearman(x, y) -> float:
   """Spearman rank correlation (Pearson of average ranks). 0.0 when either is constant."""
-  x, y = _pair(x, y)
-  return pearson(rankdata(x), rankdata(y))
+  return _correlation(scipy.stats.spearmanr, x, y)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -180,17 +172,16 @@ def spearman(x, y) -> float:
 
 
 def roc_auc(scores, labels) -> float:
-  """Binary ROC-AUC with ties counted half (= sklearn roc_auc_score). scores: (N,); labels: (N,) 0/1."""
+  """Binary ROC-AUC with ties counted half. scores: (N,); labels: (N,) 0/1."""
   scores, labels = _pair(scores, labels)
   positive = labels == 1
   if not np.all(positive | (labels == 0)):
     raise ValueError(f"ROC-AUC labels must be 0/1, got values {np.unique(labels)[:5].tolist()}")
-  n_pos = int(positive.sum())
-  n_neg = labels.size - n_pos
-  if n_pos == 0 or n_neg == 0:
+  if positive.all() or not positive.any():
     raise ValueError("ROC-AUC needs both classes; this task has only one in the split")
-  ranks = rankdata(scores)
-  return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+  if not _finite(scores):
+    return float("nan")
+  return float(skm.roc_auc_score(positive, scores))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -236,27 +227,28 @@ def multitask_roc_auc(scores, labels, mask=None) -> AucResult:
     per_task[t] = roc_auc(scores[valid[:, t], t], y)
   if len(skipped) == labels.shape[1]:
     raise ValueError(f"ROC-AUC undefined: none of the {labels.shape[1]} task(s) has both classes in this split")
-  return AucResult(float(np.nanmean(per_task)), per_task, tuple(skipped))
+  scored = np.setdiff1d(np.arange(labels.shape[1]), skipped)
+  return AucResult(float(np.mean(per_task[scored])), per_task, tuple(skipped))
 
 
-def _per_task_error(preds, targets, mask, reduce) -> float:
+def _per_task_error(preds, targets, mask, error) -> float:
+  """Mean over tasks of `error(targets, preds)` on each task's labelled entries; NaN for a non-finite one."""
   targets, valid = _as_columns(targets, mask)
   preds = np.asarray(preds, np.float64).reshape(targets.shape)
-  errors = [reduce(preds[valid[:, t], t] - targets[valid[:, t], t]) for t in range(targets.shape[1])
-            if valid[:, t].any()]
-  if not errors:
+  columns = [(targets[valid[:, t], t], preds[valid[:, t], t]) for t in range(targets.shape[1]) if valid[:, t].any()]
+  if not columns:
     raise ValueError("regression metric on a split with no labelled targets")
-  return float(np.mean(errors))
+  return float(np.mean([error(y, p) if _finite(y, p) else np.nan for y, p in columns]))
 
 
 def rmse(preds, targets, mask=None) -> float:
   """Root mean squared error per task over labelled entries, averaged over tasks. (N, T) or (N,)."""
-  return _per_task_error(preds, targets, mask, lambda d: np.sqrt(np.mean(d * d)))
+  return _per_task_error(preds, targets, mask, skm.root_mean_squared_error)
 
 
 def mae(preds, targets, mask=None) -> float:
   """Mean absolute error per task over labelled entries, averaged over tasks. (N, T) or (N,)."""
-  return _per_task_error(preds, targets, mask, lambda d: np.mean(np.abs(d)))
+  return _per_task_error(preds, targets, mask, skm.mean_absolute_error)
 
 
 # ---------------------------------------------------------------------------------------------
