@@ -4,10 +4,11 @@ One build stores one raw string per record (feature `text`), so it serves every 
 (tokenization happens in pipeline.py); SMILES corpora hold one molecule per record, text corpora one
 document per record. The pieces, one concern each:
 - `readers`: the source (a local path, `$DATA/...`, `rdkit:NCI/first_5K.smi` or an http(s) URL fetched
-  by the TFDS download manager) and its records (.smi / .csv / .tsv, optionally .gz, / .jsonl / text);
-- `holdout`: splits `train`, and `eval` from data_cfg.eval_path or a deterministic hold-out of
-  `eval_fraction` of the records chosen by a hash of the record's text;
-- `tfds_corpus`: the TFDS builder classes (`exlm_smiles_corpus`, `exlm_text_corpus`);
+  by the TFDS download manager) and its records (.smi / .csv / .tsv / .jsonl / plain text, optionally .gz);
+- `holdout`: the deterministic hold-out of `eval_fraction` of the records, chosen by a hash of the
+  record's text (used when data_cfg.eval_path names no eval file);
+- `tfds_corpus`: the TFDS builder classes (`exlm_smiles_corpus`, `exlm_text_corpus`) that write the
+  splits `train` and `eval` (from the eval file or the hold-out);
 - here: the BuilderConfig for a data config, `build_corpus` and the `Strings` view of a split.
 Each source gets its own BuilderConfig named `<file>-<hash of (source, size, max_examples, column, ...)>`,
 so different files or limits never collide.
