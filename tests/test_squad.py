@@ -309,9 +309,8 @@ def test_head_and_loss_match_float64_numpy(spm, squad):
   assert np.all(np.asarray(start)[batch["p_mask"]] == MASKED_LOGIT)
   # a row where every position is masked (no <s> either) stays finite, and masked logits get no gradient
   all_masked = dict(batch, p_mask=np.ones_like(batch["p_mask"]))
-  grads = jax.grad(lambda p: model.apply({"params": p}, all_masked)[0])(params)
-  assert np.isfinite(float(model.apply({"params": params}, all_masked)[0]))
-  assert all(np.all(np.isfinite(g)) for g in jax.tree.leaves(grads))
+  loss, grads = jax.jit(jax.value_and_grad(lambda p: model.apply({"params": p}, all_masked)[0]))(params)
+  assert np.isfinite(float(loss)) and all(np.all(np.isfinite(g)) for g in jax.tree.leaves(grads))
 
 
 # ----------------------------------------------------------------------------------------------

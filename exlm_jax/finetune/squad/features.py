@@ -86,8 +86,9 @@ class SquadFeatures:
     return len(self.tokens)
 
   def windows_of(self, example: int) -> np.ndarray:
-    """Window rows of example `example`, in context order."""
-    return np.flatnonzero(self.example_index == example)
+    """Window rows of example `example`, in context order (windows are stored example by example)."""
+    first, end = np.searchsorted(self.example_index, [example, example + 1])
+    return np.arange(first, end)
 
   def batch(self, indices: Sequence[int], batch_size: int | None = None) -> dict[str, np.ndarray]:
     """Windows `indices` as the model's batch dict, padded to `batch_size` rows with `mask` False.

@@ -50,7 +50,8 @@ def answer(params, tokenizer: OffsetTokenizer, model_cfg: ModelConfig, question:
   example = SquadExample("question", "", question, context, ())
   features = build_features([example], tokenizer, feature_config)
   start, end = window_logits(params, model_cfg, features, batch_size=len(features))
-  prediction = decode.predict_answers(features, start, end, n_best, max_answer_length)["question"]
-  if decode.final_answers({"q": prediction}, null_threshold)["q"]:
+  predictions = decode.predict_answers(features, start, end, n_best, max_answer_length)
+  prediction = predictions[example.qid]
+  if decode.final_answers(predictions, null_threshold)[example.qid]:
     return prediction.text, prediction.score
   return "", prediction.null_score
