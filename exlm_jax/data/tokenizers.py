@@ -140,6 +140,13 @@ class SmilesRegexTokenizer:
   def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
     return [self.encode(t) for t in texts]
 
+  def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+    """`encode(text)` plus each token's (char_start, char_end) span in `text` (the regex match)."""
+    split_smiles(text)  # raises on characters the regex would skip
+    matches = list(_SMILES_RE.finditer(text))
+    ids = [self._ids.get(m.group(), vocab.UNK) for m in matches]
+    return ids, [m.span() for m in matches]
+
   def decode(self, ids: Iterable[int]) -> str:
     """Ids -> SMILES, skipping <pad> <s> </s> [MASK]; <unk> appears as '<unk>'."""
     return "".join(self._tokens[int(i)] for i in ids if int(i) not in _DECODE_SKIP)
@@ -238,6 +245,17 @@ class SentencePieceTokenizer:
   def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
     return self._sp.encode(list(texts))
 
+  def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+    """`encode(text)` plus each token's (char_start, char_end) span in `text`, for mapping tokens back to text.
+
+    Spans exclude the whitespace SentencePiece folds into a piece's '▁' (a lone '▁' gets an empty span
+    where its space ends), and every byte-fallback piece of a character gets that character's span, so
+    `text[start_of_token_i:end_of_token_j]` is exactly the text tokens i..j stand for, without outer spaces.
+    """
+    ids, spans = _spm_ids_and_char_spans(self._sp, text)
+    spans = _share_byte_fallback_spans(spans, [self._sp.IsByte(i) for i in ids])
+    return ids, [_strip_span(text, begin, end) for begin, end in spans]
+
   def decode(self, ids: Iterable[int]) -> str:
     """Ids -> string, skipping <pad> <s> </s> [MASK]; <unk> is rendered by SentencePiece (' ⁇ ')."""
     return self._sp.decode([int(i) for i in ids if int(i) not in _DECODE_SKIP])
@@ -257,6 +275,49 @@ class SentencePieceTokenizer:
 
   def fingerprint(self) -> str:
     return hashlib.sha256(self.kind.encode() + self._proto).hexdigest()[:16]
+
+
+def _spm_ids_and_char_spans(sp, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+  """Ids and raw per-piece character spans from SentencePiece (byte-fallback pieces before a character's last
+  one get an empty span). sentencepiece >= 0.2.2 reports character offsets ('offset_mapping'); 0.2.0-0.2.1 only
+  the byte offsets of its 'immutable_proto', converted here."""
+  try:
+    out = sp.encode(text, return_type="offset_mapping")
+    return list(out["ids"]), [tuple(span) for span in out["offsets"]]
+  except (TypeError, ValueError):  # sentencepiece < 0.2.2: no return_type / no 'offset_mapping'
+    pieces = sp.encode(text, out_type="immutable_proto").pieces
+    return [p.id for p in pieces], byte_to_char_spans(text, [(p.begin, p.end) for p in pieces])
+
+
+def byte_to_char_spans(text: str, byte_spans: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
+  """UTF-8 byte (begin, end) spans of `text` -> character spans; a span ending inside a character ends before it."""
+  char_at_byte = np.zeros(len(text.encode("utf-8")) + 1, np.int64)
+  position = 0
+  for i, ch in enumerate(text):
+    width = len(ch.encode("utf-8"))
+    char_at_byte[position:position + width] = i  # bytes inside a character map to its start
+    position += width
+  char_at_byte[position] = len(text)
+  return [(int(char_at_byte[b]), int(char_at_byte[e])) for b, e in byte_spans]
+
+
+def _share_byte_fallback_spans(spans: Sequence[tuple[int, int]], is_byte: Sequence[bool]) -> list[tuple[int, int]]:
+  """Gives the empty-span byte pieces that precede a character's last byte piece that character's span."""
+  out = list(spans)
+  for i in range(len(out) - 2, -1, -1):
+    begin, end = out[i]
+    if is_byte[i] and is_byte[i + 1] and begin == end and out[i + 1][0] == begin:
+      out[i] = out[i + 1]
+  return out
+
+
+def _strip_span(text: str, begin: int, end: int) -> tuple[int, int]:
+  """(begin, end) narrowed to exclude leading / trailing whitespace; all-whitespace -> (end, end)."""
+  while begin < end and text[begin].isspace():
+    begin += 1
+  while end > begin and text[end - 1].isspace():
+    end -= 1
+  return begin, end
 
 
 _SPM_PIECE_CHARS = 1000  # well under SentencePiece's 4192-byte training limit, even for 4-byte UTF-8

@@ -1,0 +1,57 @@
+"""Prediction without a trainer: logits for every window, and `answer(question, context)` for one question.
+
+Both are pure functions of (params, model config, inputs): they run SquadModel.logits under a plain
+`jax.jit` on the default device, batches padded to a fixed size so one compilation serves all.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import numpy as np
+
+from exlm_jax.finetune.squad import decode
+from exlm_jax.finetune.squad.features import FeatureConfig, OffsetTokenizer, SquadFeatures, build_features
+from exlm_jax.finetune.squad.model import SquadModel
+from exlm_jax.finetune.squad.reader import SquadExample
+from exlm_jax.models.encoder import ModelConfig
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _logits(model_cfg: ModelConfig, params, tokens):
+  return SquadModel(model_cfg).apply({"params": params}, tokens, method=SquadModel.logits)
+
+
+def window_logits(params, model_cfg: ModelConfig, features: SquadFeatures,
+                  batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
+  """Start and end logits (W, L) float32 of every window (no p_mask: decoding only reads context and `<s>`)."""
+  starts, ends = [], []
+  for first in range(0, len(features), batch_size):
+    rows = np.arange(first, min(first + batch_size, len(features)))
+    start, end = _logits(model_cfg, params, features.batch(rows, batch_size)["tokens"])
+    starts.append(np.asarray(start)[:len(rows)])
+    ends.append(np.asarray(end)[:len(rows)])
+  shape = (0, features.tokens.shape[1])
+  return (np.concatenate(starts) if starts else np.zeros(shape, np.float32),
+          np.concatenate(ends) if ends else np.zeros(shape, np.float32))
+
+
+def answer(params, tokenizer: OffsetTokenizer, model_cfg: ModelConfig, question: str, context: str, *,
+           feature_config: FeatureConfig = FeatureConfig(), n_best: int = 20, max_answer_length: int = 30,
+           null_threshold: float | None = 0.0) -> tuple[str, float]:
+  """The answer to `question` in `context` and its score.
+
+  Returns (span text, start + end logit) or, when null_score - best span score > null_threshold (SQuAD 2.0
+  models; use the evaluation's best_f1_thresh), ("", null score). null_threshold=None never abstains (v1.1).
+  """
+  if not context.strip():
+    raise ValueError("answer() needs a non-empty context to find the answer in")
+  example = SquadExample("question", "", question, context, ())
+  features = build_features([example], tokenizer, feature_config)
+  start, end = window_logits(params, model_cfg, features, batch_size=len(features))
+  predictions = decode.predict_answers(features, start, end, n_best, max_answer_length)
+  prediction = predictions[example.qid]
+  if decode.final_answers(predictions, null_threshold)[example.qid]:
+    return prediction.text, prediction.score
+  return "", prediction.null_score
