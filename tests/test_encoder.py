@@ -121,3 +121,20 @@ def test_config_errors_are_one_line_and_actionable():
     enc.ModelConfig(vocab_size=10, d_model=30, num_heads=4).validate()
   with pytest.raises(ValueError, match="positions"):
     enc.ModelConfig(vocab_size=10, positions="alibi").validate()
+
+
+def test_one_segment_per_block_equals_the_padding_mask_and_pad_rows_stay_finite():
+  cfg = _cfg(positions="absolute+relbias", pre_ln=False, embed_layernorm=True)
+  tokens = np.random.RandomState(6).randint(5, 50, (2, 8))
+  tokens[1, 5:] = 0
+  tokens = jnp.asarray(tokens)
+  segment_ids = (tokens != 0).astype(jnp.int32)
+  model = enc.Encoder(cfg)
+  params = nn.unbox(model.init(jax.random.key(0), tokens)["params"])
+  padded = model.apply({"params": params}, tokens, padding_mask=tokens == 0)
+  segmented = model.apply({"params": params}, tokens, segment_ids=segment_ids)
+  real = np.asarray(segment_ids) > 0
+  np.testing.assert_allclose(np.asarray(segmented)[real], np.asarray(padded)[real], atol=1e-6)
+  # Padding queries attend to no key: outputs and gradients stay finite.
+  grads = jax.grad(lambda p: model.apply({"params": p}, tokens, segment_ids=segment_ids).sum())(params)
+  assert np.isfinite(np.asarray(segmented)).all() and all(np.isfinite(g).all() for g in jax.tree.leaves(grads))

@@ -46,3 +46,40 @@ def test_count_is_probabilistic_rounding_of_real_length():
   freq = np.asarray(select_masked_positions(tokens, jax.random.key(1), p).is_masked).mean(0)
   assert freq[0] == 0 and freq[36] == 0 and freq[37:].sum() == 0
   np.testing.assert_allclose(freq[1:36], 5.55 / 35, atol=0.025)
+
+
+def _single_example_rule(tokens, rng, mask_prob):
+  """The rule as written before packed blocks existed (one example per block), kept verbatim as the reference."""
+  batch, seq_len = tokens.shape
+  m_max = max(1, int(np.ceil(mask_prob * seq_len)))
+  count_rng, order_rng = jax.random.split(rng)
+  real_len = jnp.sum(tokens != vocab.PAD, axis=-1)
+  eligible = (tokens != vocab.PAD) & (tokens != vocab.BOS) & (tokens != vocab.EOS)
+  uniform = jax.random.uniform(count_rng, (batch,))
+  count = jnp.floor(mask_prob * real_len + uniform).astype(jnp.int32)
+  count = jnp.minimum(jnp.minimum(count, jnp.sum(eligible, axis=-1)), m_max)
+  priority = jnp.where(eligible, jax.random.uniform(order_rng, (batch, seq_len)), jnp.inf)
+  rank = jnp.argsort(jnp.argsort(priority, axis=-1), axis=-1)
+  is_masked = rank < count[:, None]
+  indices = jnp.argsort(~is_masked, axis=-1, stable=True)[:, :m_max].astype(jnp.int32)
+  valid = jnp.arange(m_max)[None, :] < count[:, None]
+  return is_masked, jnp.where(valid, indices, 0), valid, count
+
+
+def test_one_example_per_block_is_bit_identical_to_the_single_example_rule():
+  rng = np.random.RandomState(0)
+  for seed in range(12):
+    n = int(rng.randint(4, 60))
+    p = float(rng.choice([0.15, 0.3, 0.5, 0.8]))
+    tokens = _blocks(rng.randint(2, n + 1, 6), n)
+    key = jax.random.key(seed)
+    expected = _single_example_rule(tokens, key, p)
+    segment_ids = (tokens != vocab.PAD).astype(jnp.int32)
+    for sel in (select_masked_positions(tokens, key, p), select_masked_positions(tokens, key, p, segment_ids)):
+      for got, want in zip(sel, expected):
+        np.testing.assert_array_equal(got, want)
+    # A larger example bound only widens the index padding: same masks, same first indices.
+    wide = select_masked_positions(tokens, key, p, segment_ids, max_examples=4)
+    np.testing.assert_array_equal(wide.is_masked, expected[0])
+    np.testing.assert_array_equal(wide.indices[:, :expected[1].shape[1]], expected[1])
+    assert wide.indices.shape[1] == max_masked(p, n, 4) == min(n, expected[1].shape[1] + 3)

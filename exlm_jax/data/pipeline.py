@@ -1,11 +1,28 @@
 """Grain input pipeline: corpus -> tokenizer -> token cache -> fixed blocks -> sharded batches.
 
-Every row the trainer sees is exactly `seq_len` slots: `<s> ... </s>` then `<pad>` (DESIGN.md §2).
+Every row the trainer sees is exactly `seq_len` slots. Without packing (data.packing=False) a row is
+one example `<s> ... </s>` then `<pad>` (DESIGN.md §2) and a batch is {'tokens': (B, n) int32}:
 - SMILES (data.name='smiles'): one molecule per block. A molecule longer than seq_len - 2 tokens is
   truncated (keeping <s> at 0 and </s> last) or skipped, by data.overlong; counted either way.
-- Text (data.name='text'): documents are tokenized, joined into one stream with </s> between
-  documents, and cut into consecutive blocks of seq_len - 2 content tokens wrapped as <s> ... </s>
-  (the last block is padded). Blocks are addressed by index, so packing is deterministic.
+- Text (data.name='text', data.text_units='stream'): documents are tokenized, joined into one stream
+  with </s> between documents, and cut into consecutive blocks of seq_len - 2 content tokens wrapped as
+  <s> ... </s> (the last block is padded). Blocks are addressed by index, so they are deterministic.
+- Text with data.text_units='documents': each document is a record like a molecule (truncated or
+  skipped by data.overlong when longer than seq_len - 2 tokens).
+
+Packing (data.packing=True): records (molecules, or documents with text_units='documents') are put
+several to a block, each keeping its own `<s> ... </s>`, and a batch is the dict of
+objectives/segments.py: tokens, segment_ids (0 = padding, 1..E the examples in order) and positions
+(0 at each example's <s>). The pack is greedy in record order: a record that does not fit closes the
+block and opens the next; a block that already holds data.max_examples_per_block records is closed
+early (counted). max_examples_per_block=-1 uses the most the uncapped greedy pass puts in one block
+of either split (the bound the objectives' static shapes need: PretrainingData.max_examples_per_block).
+The pack is computed once per (token cache, seq_len, max_examples_per_block, overlong) and saved as a
+pack table beside the token cache (`packs/<key>/{split}.records.npy` record ids in block order and
+`{split}.starts.npy`: block b holds records[starts[b]:starts[b + 1]]). Text stream windows already
+fill their blocks; with packing on they come as one segment each in the same dict form.
+The summary counts examples_per_block, slot_utilisation (real slots / all slots, train split),
+closed_early and the max_examples_per_block used; eval batches are packed the same way.
 
 Tokenization runs once per (corpus, tokenizer) and is cached as flat token files under
 `<tfds_dir>/exlm_token_cache/`, memory-mapped afterwards. Training batches come from a Grain
@@ -39,6 +56,7 @@ from exlm_jax.data import tokenizers
 from exlm_jax.data import vocab
 
 CACHE_VERSION = 1
+PACK_VERSION = 1
 _CHUNK = 8192
 EVAL_ORDER_SEED = 0  # eval rows come in a fixed order, the same for every run and objective
 
@@ -140,7 +158,7 @@ def _read_meta(directory: str, split: str) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------------------------
-# Block sources: random access, index -> {'tokens': (seq_len,) int32}
+# Block sources: random access, index -> {'tokens': (seq_len,) int32} (+ segment_ids, positions)
 # ----------------------------------------------------------------------------------------------
 
 class _CachedTokens:
@@ -183,28 +201,80 @@ def make_blocks(tokens: np.ndarray, starts: np.ndarray, lengths: np.ndarray, seq
   return out
 
 
+def make_packed_blocks(tokens: np.ndarray, starts: np.ndarray, lengths: np.ndarray, rows: np.ndarray,
+                       num_rows: int, seq_len: int) -> dict[str, np.ndarray]:
+  """Packed rows {'tokens', 'segment_ids', 'positions'}, each (num_rows, seq_len) int32, one scatter.
+
+  Example i, `<s> tokens[starts[i]:starts[i] + lengths[i]] </s>`, goes to row rows[i] after that row's
+  earlier examples; rows must be non-decreasing, lengths in [0, seq_len - 2] and every row's
+  sum(lengths + 2) <= seq_len. segment_ids count 1, 2, ... inside a row; positions restart at 0 at
+  each <s>; padding is <pad> / segment 0 / position 0.
+  """
+  out = {name: np.zeros((num_rows, seq_len), np.int32) for name in ("tokens", "segment_ids", "positions")}
+  out["tokens"][:] = vocab.PAD
+  if not len(lengths):
+    return out
+  sizes = np.asarray(lengths, np.int64) + 2
+  end = np.cumsum(sizes)
+  begin = end - sizes  # slot offset of every example in the concatenation of all rows
+  index = np.arange(len(sizes))
+  new_row = np.r_[True, rows[1:] != rows[:-1]]
+  column = begin - np.maximum.accumulate(np.where(new_row, begin, 0))
+  segment = index - np.maximum.accumulate(np.where(new_row, index, 0)) + 1
+  example = np.repeat(index, sizes)  # per filled slot
+  offset = np.arange(end[-1]) - begin[example]  # 0 at <s>
+  source = np.clip(starts[example] + offset - 1, 0, max(tokens.size - 1, 0))
+  content = tokens[source] if tokens.size else np.zeros_like(source)
+  values = np.where(offset == 0, vocab.BOS, np.where(offset == sizes[example] - 1, vocab.EOS, content))
+  at = (rows[example], column[example] + offset)
+  out["tokens"][at] = values
+  out["segment_ids"][at] = segment[example]
+  out["positions"][at] = offset
+  return out
+
+
+def one_segment_rows(tokens: np.ndarray) -> dict[str, np.ndarray]:
+  """The packed-batch form of one-example rows: segment 1 on the real slots, positions 0.. (0 at padding)."""
+  real = tokens != vocab.PAD
+  positions = np.where(real, np.arange(tokens.shape[1], dtype=np.int32)[None, :], 0).astype(np.int32)
+  return {"tokens": tokens, "segment_ids": real.astype(np.int32), "positions": positions}
+
+
 class Blocks(_CachedTokens):
-  """Random access to blocks: `[i]` -> {'tokens': (seq_len,)}, `.batch(ids)` -> (len(ids), seq_len)."""
+  """Random access to blocks: `.rows(ids)` -> the batch dict of those blocks, `[i]` -> one block's dict,
+  `.batch(ids)` -> tokens only, (len(ids), seq_len).
+
+  with_segments: rows also carry segment_ids / positions (data.packing), one segment per block here.
+  """
+
+  with_segments = False
 
   def _spans(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     raise NotImplementedError
 
-  def batch(self, ids: np.ndarray) -> np.ndarray:
+  def _check_ids(self, ids) -> np.ndarray:
     ids = np.asarray(ids, np.int64)
     if ids.size and (ids.min() < 0 or ids.max() >= len(self)):
       raise IndexError(f"block index out of range [0, {len(self)})")
-    starts, lengths = self._spans(ids)
+    return ids
+
+  def batch(self, ids: np.ndarray) -> np.ndarray:
+    starts, lengths = self._spans(self._check_ids(ids))
     return make_blocks(self.tokens, starts, lengths, self._seq_len)
 
+  def rows(self, ids: np.ndarray) -> dict[str, np.ndarray]:
+    tokens = self.batch(ids)
+    return one_segment_rows(tokens) if self.with_segments else {"tokens": tokens}
+
   def __getitem__(self, index: int) -> dict[str, np.ndarray]:
-    return {"tokens": self.batch(np.asarray([index]))[0]}
+    return {name: value[0] for name, value in self.rows(np.asarray([index])).items()}
 
 
-class SmilesBlocks(Blocks):
-  """One molecule per block. Record indices `keep` map block i -> record keep[i].
+class RecordBlocks(Blocks):
+  """One record (molecule, or document with text_units='documents') per block: block i -> record keep[i].
 
   Content longer than seq_len - 2 is truncated here; 'skip' mode is applied by leaving such records
-  out of `keep` (see smiles_keep).
+  out of `keep` (see records_keep).
   """
 
   def __init__(self, directory: str, split: str, seq_len: int, keep: np.ndarray):
@@ -222,8 +292,8 @@ class SmilesBlocks(Blocks):
     return starts, np.minimum(self._offsets[records + 1] - starts, self._seq_len - 2)
 
 
-def smiles_keep(offsets: np.ndarray, seq_len: int, overlong: str) -> tuple[np.ndarray, dict[str, int]]:
-  """Records that become blocks, and the counts: untokenizable (length 0) and over-long ones.
+def records_keep(offsets: np.ndarray, seq_len: int, overlong: str) -> tuple[np.ndarray, dict[str, int]]:
+  """Records that become examples, and the counts: untokenizable (length 0) and over-long ones.
 
   overlong: 'truncate' keeps over-long records (cut at seq_len - 2 content tokens), 'skip' drops them.
   """
@@ -240,13 +310,118 @@ def smiles_keep(offsets: np.ndarray, seq_len: int, overlong: str) -> tuple[np.nd
   return np.flatnonzero(ok), counts
 
 
+def greedy_pack(sizes: np.ndarray, seq_len: int, max_examples: int) -> tuple[np.ndarray, int]:
+  """Greedy packing in order: (starts (num_blocks + 1,) int64, closed_early).
+
+  sizes (R,): slots each example takes (<= seq_len). Block b holds examples starts[b]:starts[b + 1]. An
+  example that does not fit closes the block; a block holding max_examples examples (<= 0: no cap) is
+  closed before the next example even if it would fit -- counted in closed_early.
+  """
+  starts, used, count, closed_early = [0], 0, 0, 0
+  cap = max_examples if max_examples > 0 else len(sizes) + 1
+  for i, size in enumerate(np.asarray(sizes, np.int64).tolist()):
+    if count and (used + size > seq_len or count == cap):
+      closed_early += int(used + size <= seq_len)
+      starts.append(i)
+      used = count = 0
+    used += size
+    count += 1
+  if count:
+    starts.append(len(sizes))
+  return np.asarray(starts, np.int64), closed_early
+
+
+@dataclasses.dataclass(frozen=True)
+class PackTable:
+  """Block b holds records[starts[b]:starts[b + 1]] (record ids of the token cache, in corpus order)."""
+
+  records: np.ndarray  # (R,) int64
+  starts: np.ndarray  # (num_blocks + 1,) int64
+
+  def __len__(self) -> int:
+    return len(self.starts) - 1
+
+
+def pack_key(seq_len: int, max_examples: int, overlong: str) -> str:
+  """The pack table's cache key: everything that decides which records share a block."""
+  return f"n{seq_len}-e{max_examples if max_examples > 0 else 'auto'}-{overlong}-v{PACK_VERSION}"
+
+
+def pack_tables(directory: str, keep: dict[str, np.ndarray], sizes: dict[str, np.ndarray], seq_len: int,
+                max_examples: int, overlong: str) -> tuple[dict[str, PackTable], dict[str, Any]]:
+  """The pack table of every split (greedy, in record order), built once and saved under `directory/packs`.
+
+  keep[split]: record ids that become examples; sizes[split]: their slots (truncated length + 2).
+  max_examples -1: the most the uncapped pass puts in one block of any split. Returns the tables and
+  {'max_examples_per_block': E, split: {'blocks', 'examples', 'closed_early', 'most_examples'}}.
+  """
+  target = os.path.join(directory, "packs", pack_key(seq_len, max_examples, overlong))
+  if not os.path.exists(os.path.join(target, "packs.json")):
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=os.path.basename(target) + ".tmp", dir=os.path.dirname(target))
+    try:
+      info: dict[str, Any] = {}
+      for split in keep:
+        starts, closed_early = greedy_pack(sizes[split], seq_len, max_examples)
+        np.save(os.path.join(tmp, f"{split}.records.npy"), np.asarray(keep[split], np.int64))
+        np.save(os.path.join(tmp, f"{split}.starts.npy"), starts)
+        info[split] = dict(blocks=len(starts) - 1, examples=len(keep[split]), closed_early=closed_early,
+                           most_examples=int(np.diff(starts).max(initial=0)))
+      info["max_examples_per_block"] = (max_examples if max_examples > 0 else
+                                        max(1, *(info[split]["most_examples"] for split in keep)))
+      with open(os.path.join(tmp, "packs.json"), "w") as f:
+        json.dump(info, f)
+      try:
+        os.rename(tmp, target)
+      except OSError:  # another process finished first; its tables are identical
+        if not os.path.exists(os.path.join(target, "packs.json")):
+          raise
+    finally:
+      shutil.rmtree(tmp, ignore_errors=True)
+  with open(os.path.join(target, "packs.json")) as f:
+    info = json.load(f)
+  tables = {split: PackTable(np.load(os.path.join(target, f"{split}.records.npy")),
+                             np.load(os.path.join(target, f"{split}.starts.npy"))) for split in keep}
+  return tables, info
+
+
+class PackedBlocks(Blocks):
+  """Several records per block, by a PackTable; rows carry segment_ids and per-example positions."""
+
+  with_segments = True
+
+  def __init__(self, directory: str, split: str, seq_len: int, table: PackTable):
+    super().__init__(directory, split)
+    self._offsets = np.load(os.path.join(directory, f"{split}.offsets.npy"))
+    self._table = table
+    self._seq_len = seq_len
+
+  def __len__(self) -> int:
+    return len(self._table)
+
+  def rows(self, ids: np.ndarray) -> dict[str, np.ndarray]:
+    ids = self._check_ids(ids)
+    first = self._table.starts[ids]
+    counts = self._table.starts[ids + 1] - first
+    within = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)  # 0.. inside each block
+    records = self._table.records[np.repeat(first, counts) + within]
+    starts = self._offsets[records]
+    lengths = np.minimum(self._offsets[records + 1] - starts, self._seq_len - 2)
+    return make_packed_blocks(self.tokens, starts, lengths, np.repeat(np.arange(len(ids)), counts), len(ids),
+                              self._seq_len)
+
+  def batch(self, ids: np.ndarray) -> np.ndarray:
+    return self.rows(ids)["tokens"]
+
+
 class TextBlocks(Blocks):
   """Consecutive windows of seq_len - 2 tokens of the document stream, each wrapped <s> ... </s>."""
 
-  def __init__(self, directory: str, split: str, seq_len: int):
+  def __init__(self, directory: str, split: str, seq_len: int, with_segments: bool = False):
     super().__init__(directory, split)
     self._seq_len = seq_len
     self._content = seq_len - 2
+    self.with_segments = with_segments
 
   def __len__(self) -> int:
     return math.ceil(self._meta["tokens"] / self._content)
@@ -298,7 +473,7 @@ class TrainBatches:
     return ids
 
   def __getitem__(self, t: int) -> dict[str, np.ndarray]:
-    return {"tokens": self._blocks.batch(self.block_ids(t))}
+    return self._blocks.rows(self.block_ids(t))
 
   def __getstate__(self):
     state = dict(self.__dict__)
@@ -336,7 +511,7 @@ class PretrainingData:
   """Tokenizer, training stream, eval batches and counts for one pretraining run."""
 
   tokenizer: tokenizers.Tokenizer
-  train_blocks: Blocks  # block i -> {'tokens': (seq_len,)}; .batch(ids) -> (len(ids), seq_len)
+  train_blocks: Blocks  # block i -> {'tokens': (seq_len,)} (+ segment_ids, positions when packed); .rows(ids)
   eval_blocks: Blocks
   summary: dict[str, Any]
   seq_len: int
@@ -345,6 +520,8 @@ class PretrainingData:
   num_eval_batches: int
   num_workers: int = 0
   prefetch_batches: int = 4
+  packing: bool = False  # batches are {'tokens', 'segment_ids', 'positions'} (objectives/segments.py)
+  max_examples_per_block: int = 1  # the most examples one block holds: the objectives' static mask bound
 
   def local_batch_size(self, process_count: int) -> int:
     if self.batch_size % process_count:
@@ -360,7 +537,8 @@ class PretrainingData:
     return grain.MapDataset.source(TrainBatches(self.train_blocks, self.batch_size, p, count, self.seed))
 
   def train_iterator(self, process_index: int | None = None, process_count: int | None = None):
-    """Infinite shuffled iterator of {'tokens': (batch_size // P, seq_len) int32} for this process.
+    """Infinite shuffled iterator of {'tokens': (batch_size // P, seq_len) int32} for this process
+    (+ 'segment_ids', 'positions' of the same shape with packing).
 
     A grain DatasetIterator: `get_state()` / `set_state(state)` save and restore the position exactly
     (save with JSON or orbax's grain checkpoint handler). Defaults to jax.process_index()/count().
@@ -378,8 +556,8 @@ class PretrainingData:
     """At most config.eval_batches batches over the eval split, in a fixed order; same on every run.
 
     Global batch t holds eval rows t*B .. t*B + B - 1 (of a fixed permutation); process p takes its
-    contiguous slice of batch_size // P rows. Past the end of the split rows are all <pad>, which the
-    objectives ignore, so every process yields the same number of batches and nothing is dropped.
+    contiguous slice of batch_size // P rows. Past the end of the split rows are all <pad> (segment 0),
+    which the objectives ignore, so every process yields the same number of batches and nothing is dropped.
     """
     p, count = _process(process_index, process_count)
     local = self.local_batch_size(count)
@@ -392,9 +570,12 @@ class PretrainingData:
     for t in range(num):
       positions = t * self.batch_size + p * local + np.arange(local)
       real = positions < n
-      rows = np.full((local, self.seq_len), vocab.PAD, np.int32)
-      rows[real] = self.eval_blocks.batch(order[positions[real]])
-      batches.append({"tokens": rows})
+      blocks = self.eval_blocks.rows(order[positions[real]])
+      batch = {name: np.zeros((local, self.seq_len), np.int32) for name in blocks}
+      batch["tokens"][:] = vocab.PAD
+      for name, value in blocks.items():
+        batch[name][real] = value
+      batches.append(batch)
     return batches
 
 
@@ -426,8 +607,25 @@ def _check_data_config(data_cfg) -> None:
                      f"choose one of {', '.join(tokenizers.KINDS)}")
   if data_cfg.tokenizer == "smiles_regex" and data_cfg.name != "smiles":
     raise ValueError("tokenizer 'smiles_regex' reads SMILES only; for data.name='text' use 'sentencepiece'")
-  if data_cfg.name == "smiles" and data_cfg.get("overlong", "truncate") not in ("truncate", "skip"):
+  if data_cfg.name == "text" and data_cfg.get("text_units", "stream") not in ("stream", "documents"):
+    raise ValueError(f"config.data.text_units={data_cfg.text_units!r}; choose 'stream' (windows of the "
+                     "document stream) or 'documents' (one document per example)")
+  if _token_mode(data_cfg) == "records" and data_cfg.get("overlong", "truncate") not in ("truncate", "skip"):
     raise ValueError(f"config.data.overlong={data_cfg.overlong!r}; choose 'truncate' or 'skip'")
+  if data_cfg.get("packing", False) not in (True, False):
+    raise ValueError(f"config.data.packing={data_cfg.packing!r}; choose True (several examples per block) or False")
+  max_examples = data_cfg.get("max_examples_per_block", -1)
+  if isinstance(max_examples, bool) or not isinstance(max_examples, int) or not (max_examples == -1 or
+                                                                                 max_examples >= 1):
+    raise ValueError(f"config.data.max_examples_per_block={max_examples!r}; use an integer >= 1, or -1 for "
+                     "the most a greedy pass over the corpus puts in one block")
+
+
+def _token_mode(data_cfg) -> str:
+  """'records' (one token span per molecule / document) or 'stream' (text documents joined by </s>)."""
+  if data_cfg.name == "smiles" or data_cfg.get("text_units", "stream") == "documents":
+    return "records"
+  return "stream"
 
 
 def load_pretraining_data(config, workdir: str | None) -> PretrainingData:
@@ -436,34 +634,54 @@ def load_pretraining_data(config, workdir: str | None) -> PretrainingData:
   Uses config.data.*, config.seq_len, config.batch_size (global), config.seed, config.eval_batches.
   `summary` counts: records_read, skipped_empty / skipped_invalid (build), train/eval records and
   blocks, skipped_untokenizable, truncated_overlong / skipped_overlong (both splits), vocab_size,
-  eval_rows_used (eval rows that config.eval_batches covers; the rest are never evaluated).
+  eval_rows_used (eval rows that config.eval_batches covers; the rest are never evaluated),
+  slot_utilisation (real slots / all slots of the train blocks), packing; with packing also
+  train/eval_examples, examples_per_block (train mean), closed_early (both splits) and the
+  max_examples_per_block used.
   """
   data_cfg = config.data
   seq_len = int(config.seq_len)
   if seq_len < 3:
     raise ValueError(f"config.seq_len={seq_len} leaves no room for content between <s> and </s>; use >= 3")
   _check_data_config(data_cfg)
+  packing = bool(data_cfg.get("packing", False))
   corpus = builders.build_corpus(data_cfg)
   tok = _tokenizer_for_run(data_cfg, corpus, workdir)
-  mode = "records" if data_cfg.name == "smiles" else "stream"
+  mode = _token_mode(data_cfg)
   directory = token_cache(corpus, tok, mode)
   summary = dict(corpus.summary)
   summary.update(vocab_size=tok.vocab_size, tokenizer=tok.kind, seq_len=seq_len, token_cache=directory,
-                 skipped_untokenizable=0, truncated_overlong=0, skipped_overlong=0)
-  blocks = {}
-  for split in ("train", "eval"):
+                 skipped_untokenizable=0, truncated_overlong=0, skipped_overlong=0, packing=packing)
+  if data_cfg.name == "text":
+    summary["text_units"] = data_cfg.get("text_units", "stream")
+  splits = ("train", "eval")
+  blocks, keep, sizes = {}, {}, {}
+  for split in splits:
     meta = _read_meta(directory, split)
     summary[f"{split}_tokens"] = meta["tokens"]
     summary["unk_tokens"] = summary.get("unk_tokens", 0) + meta["unk_tokens"]
     if mode == "records":
       offsets = np.load(os.path.join(directory, f"{split}.offsets.npy"))
-      keep, counts = smiles_keep(offsets, seq_len, data_cfg.overlong)
+      keep[split], counts = records_keep(offsets, seq_len, data_cfg.overlong)
+      sizes[split] = np.minimum(np.diff(offsets)[keep[split]], seq_len - 2) + 2
       for key, value in counts.items():
         summary[key] += value
-      blocks[split] = SmilesBlocks(directory, split, seq_len, keep)
+      if not packing:
+        blocks[split] = RecordBlocks(directory, split, seq_len, keep[split])
     else:
       summary["skipped_untokenizable"] += meta["empty"]  # documents that tokenized to nothing
-      blocks[split] = TextBlocks(directory, split, seq_len)
+      blocks[split] = TextBlocks(directory, split, seq_len, with_segments=packing)
+  max_examples = 1
+  if packing and mode == "records":
+    tables, info = pack_tables(directory, keep, sizes, seq_len, int(data_cfg.get("max_examples_per_block", -1)),
+                               data_cfg.overlong)
+    max_examples = info["max_examples_per_block"]
+    for split in splits:
+      blocks[split] = PackedBlocks(directory, split, seq_len, tables[split])
+      summary[f"{split}_examples"] = info[split]["examples"]
+    summary.update(max_examples_per_block=max_examples,
+                   closed_early=sum(info[split]["closed_early"] for split in splits))
+  for split in splits:
     summary[f"{split}_blocks"] = len(blocks[split])
   num_eval_batches = int(config.get("eval_batches", 0))
   summary["eval_rows_used"] = (summary["eval_blocks"] if num_eval_batches <= 0 else
@@ -471,6 +689,10 @@ def load_pretraining_data(config, workdir: str | None) -> PretrainingData:
   if summary["train_blocks"] == 0:
     raise ValueError(f"no training blocks from {corpus.summary['source']} ({summary}); "
                      "check config.data.overlong / seq_len and the corpus")
+  real_slots = int(sizes["train"].sum()) if mode == "records" else summary["train_tokens"] + 2 * summary["train_blocks"]
+  summary["slot_utilisation"] = round(real_slots / (summary["train_blocks"] * seq_len), 4)
+  if packing and mode == "records":
+    summary["examples_per_block"] = round(summary["train_examples"] / summary["train_blocks"], 3)
   if summary["eval_blocks"] == 0:
     logging.warning("eval split of %s is empty; raise config.data.eval_fraction or set data.eval_path", corpus.name)
   logging.info("pretraining data: %s", summary)
@@ -479,7 +701,8 @@ def load_pretraining_data(config, workdir: str | None) -> PretrainingData:
       seq_len=seq_len, batch_size=int(config.batch_size), seed=int(config.seed),
       num_eval_batches=num_eval_batches,
       num_workers=int(data_cfg.get("num_workers", 0)),
-      prefetch_batches=int(data_cfg.get("prefetch_batches", 4)))
+      prefetch_batches=int(data_cfg.get("prefetch_batches", 4)),
+      packing=packing, max_examples_per_block=max_examples)
 
 
 def iterator_state_json(iterator) -> str:

@@ -319,10 +319,23 @@ class TransformerStack(nn.Module):
 class Encoder(nn.Module):
   """Token embedding + positions + TransformerStack.
 
-  Call: `(tokens, positions=None, copy_index=None, padding_mask=None) -> (B, L, D)`
-    tokens (B, L) int32; positions (B, L) original positions (default 0..L-1);
-    copy_index (B, L) ExLM copy index (default 0, "not expanded"); padding_mask (B, L) True at <pad>.
+  Call: `(tokens, positions=None, copy_index=None, padding_mask=None, segment_ids=None) -> (B, L, D)`
+    tokens (B, L) int32; positions (B, L) original positions (default 0..L-1; per example in packed
+    blocks, so rope, the absolute table and the relative bias see each example as if it were alone);
+    copy_index (B, L) ExLM copy index (default 0, "not expanded"); padding_mask (B, L) True at <pad>
+    (default: segment_ids == 0 when segment ids are given, else nothing padded);
+    segment_ids (B, L) int32 packed blocks (objectives/segments.py): a slot attends only to non-padded
+    slots of its own segment. None = one example per block: exactly the key-padding mask alone.
   `embed(tokens)` gives raw embedding rows (MAE-LM's [MASK] fill); `embedding` is the tied matrix.
+
+  Masks and jax.nn.dot_product_attention: the key-padding mask is (B, 1, 1, L), the segment mask
+  (B, 1, L, L), both boolean `mask=`. implementation='xla' applies `mask` as a select on the logits
+  (any broadcastable shape). implementation='cudnn' stays the fused cuDNN kernel: a boolean mask is
+  turned into an additive bias (0 / large negative) and added to the relative bias. Its
+  `query_seq_lengths` / `key_value_seq_lengths` express one padded sequence per row only (no
+  segments); cuDNN's packed layout (per-segment offsets) is not exposed by the public function, so
+  segments go through `mask=` on both implementations. The unfused dropout path takes the same mask.
+  A padding query has no allowed key; its (ignored) output stays finite.
   """
 
   cfg: ModelConfig
@@ -354,7 +367,8 @@ class Encoder(nn.Module):
   def embed(self, tokens: Array) -> Array:
     return self.token_embed(tokens)
 
-  def __call__(self, tokens, positions=None, copy_index=None, padding_mask=None, return_hidden_states=False):
+  def __call__(self, tokens, positions=None, copy_index=None, padding_mask=None, segment_ids=None,
+               return_hidden_states=False):
     cfg = self.cfg
     batch, length = tokens.shape
     if positions is None:
@@ -362,7 +376,7 @@ class Encoder(nn.Module):
     if copy_index is None:
       copy_index = jnp.zeros_like(positions)
     if padding_mask is None:
-      padding_mask = jnp.zeros((batch, length), bool)
+      padding_mask = jnp.zeros((batch, length), bool) if segment_ids is None else segment_ids == 0
     x = self.token_embed(tokens)
     bias = rope = None
     if cfg.positions in ("absolute+relbias", "absolute"):
@@ -378,6 +392,8 @@ class Encoder(nn.Module):
     x = (x * (~padding_mask)[..., None]).astype(cfg.activation_dtype)
     x = constrain(x, "activation_batch", "activation_length", "activation_embed")
     key_mask = (~padding_mask)[:, None, None, :]  # (B, 1, 1, L): True = may attend
+    if segment_ids is not None:
+      key_mask = key_mask & (segment_ids[:, None, :, None] == segment_ids[:, None, None, :])  # (B, 1, L, L)
     return self.stack(x, key_mask, bias, rope, return_hidden_states=return_hidden_states)
 
 

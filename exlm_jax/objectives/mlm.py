@@ -4,6 +4,12 @@ Selected positions are replaced by [MASK] (100 % by default, as both papers; BER
 `mlm.bert_corruption=True`), the encoder runs on the corrupted block, and the tied LM head is applied
 only at the M_max gathered masked positions (B, M_max, V) -- never over the full sequence.
 Loss = cross-entropy summed over valid masked tokens, normalised by their global count.
+
+A batch is a token array (B, n) or a packed-block dict {'tokens', 'segment_ids', 'positions'}
+(objectives/segments.py): masks are drawn per example (masking.py, bound set by `max_examples`, the
+data's `max_examples_per_block`) and the encoder attends within each example at its own positions, so
+a packed batch gives the loss, weight, metrics and gradients of the same examples one per block.
+`__call__(batch, mask_rng)` = `select_masks` + `loss_given_masks(batch, selection, corrupt_rng)`.
 """
 
 from __future__ import annotations
@@ -17,7 +23,8 @@ from exlm_jax.data import vocab
 from exlm_jax.models.encoder import Encoder, ModelConfig
 from exlm_jax.models.heads import LMHead
 from exlm_jax.objectives import base
-from exlm_jax.objectives.masking import select_masked_positions
+from exlm_jax.objectives.masking import MaskSelection, select_masked_positions
+from exlm_jax.objectives.segments import split_batch
 
 
 def masked_token_metrics(logits: jax.Array, targets: jax.Array, valid: jax.Array):
@@ -43,31 +50,46 @@ def corrupt(tokens, is_masked, rng, vocab_size: int, bert_corruption: bool):
 
 
 class MLMModel(nn.Module):
-  """Encoder + LM head; `__call__(tokens (B, n), mask_rng) -> (loss_sum, weight, metrics)`."""
+  """Encoder + LM head; `__call__(batch (B, n) tokens or packed dict, mask_rng) -> (loss_sum, weight, metrics)`.
+
+  max_examples: the most examples one block holds (1 = one example per block); sets the static mask bound.
+  """
 
   cfg: ModelConfig
   mask_prob: float
   bert_corruption: bool = False
   deterministic: bool = True
+  max_examples: int = 1
 
   def setup(self):
     self.encoder = Encoder(self.cfg, self.deterministic, name="encoder")
     self.lm_head = LMHead(self.cfg, name="lm_head")
 
-  def __call__(self, tokens, mask_rng):
+  def __call__(self, batch, mask_rng):
     select_rng, corrupt_rng = jax.random.split(mask_rng)
-    selection = select_masked_positions(tokens, select_rng, self.mask_prob)
+    return self.loss_given_masks(batch, self.select_masks(batch, select_rng), corrupt_rng)
+
+  def select_masks(self, batch, rng) -> MaskSelection:
+    """The positions to predict, per example (masking.py)."""
+    tokens, segment_ids, _ = split_batch(batch)
+    return select_masked_positions(tokens, rng, self.mask_prob, segment_ids, self.max_examples)
+
+  def loss_given_masks(self, batch, selection: MaskSelection, corrupt_rng=None):
+    """(loss_sum, weight, metrics) for a given selection; corrupt_rng is needed with bert_corruption only."""
+    tokens, segment_ids, positions = split_batch(batch)
+    if self.bert_corruption and corrupt_rng is None:
+      raise ValueError("mlm.bert_corruption=True draws its 80/10/10 replacements: pass corrupt_rng")
     inputs = corrupt(tokens, selection.is_masked, corrupt_rng, self.cfg.vocab_size, self.bert_corruption)
-    hidden = self.encoder(inputs, padding_mask=tokens == vocab.PAD)
+    hidden = self.encoder(inputs, positions=positions, padding_mask=tokens == vocab.PAD, segment_ids=segment_ids)
     gathered = jnp.take_along_axis(hidden, selection.indices[..., None], axis=1)  # (B, M_max, D)
     logits = self.lm_head(gathered, self.encoder.embedding)
     targets = jnp.take_along_axis(tokens, selection.indices, axis=1)
-    loss_sum, count, metrics = masked_token_metrics(logits, targets, selection.valid)
-    return loss_sum, count, metrics
+    return masked_token_metrics(logits, targets, selection.valid)
 
-  def predict(self, inputs, positions_to_predict):
-    """Logits (B, P, V) at given positions of an already-masked input (for the API / analyses)."""
-    hidden = self.encoder(inputs, padding_mask=inputs == vocab.PAD)
+  def predict(self, batch, positions_to_predict):
+    """Logits (B, P, V) at given positions of an already-masked input or packed dict (API / analyses)."""
+    inputs, segment_ids, positions = split_batch(batch)
+    hidden = self.encoder(inputs, positions=positions, padding_mask=inputs == vocab.PAD, segment_ids=segment_ids)
     gathered = jnp.take_along_axis(hidden, positions_to_predict[..., None], axis=1)
     return self.lm_head(gathered, self.encoder.embedding)
 
