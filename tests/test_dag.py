@@ -219,3 +219,18 @@ def test_loss_is_per_target_and_zero_for_infeasible_rows():
     expected = -log_z / m_b if np.isfinite(log_z) else 0.0
     np.testing.assert_allclose(loss[r], expected, rtol=2e-6, err_msg=f"row {r}")
   assert not ge[NUM_FEASIBLE:].any() and not gt[NUM_FEASIBLE:].any()
+
+
+@pytest.mark.parametrize("impl", sorted(IMPLEMENTATIONS))
+def test_nan_inside_a_row_is_a_nan_loss_not_an_infeasible_row(impl):
+  """Diverged parameters (NaN emissions or transitions inside the valid region) must surface as a NaN
+  loss, never as the 0 of an infeasible row; NaN in the padding still changes nothing."""
+  emit, trans, nt, nv = _case(5, FEASIBLE[:3])
+  emit[0, 1, 2] = np.nan  # inside row 0's valid region
+  trans[1, 0, 1] = np.nan  # a valid forward edge of row 1
+  fn = functools.partial(dag.dag_loss, log_likelihood_fn=IMPLEMENTATIONS[impl])
+  loss = np.asarray(fn(jnp.asarray(emit, jnp.float32), jnp.asarray(trans, jnp.float32), jnp.asarray(nt),
+                       jnp.asarray(nv)))
+  assert np.isnan(loss[0]) and np.isnan(loss[1])
+  clean = _case(5, FEASIBLE[:3])
+  np.testing.assert_allclose(loss[2], -_brute(clean[0][2], clean[1][2], nt[2], nv[2])[0] / nt[2], rtol=2e-6)

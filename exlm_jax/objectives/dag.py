@@ -55,6 +55,7 @@ _NEG_INF = -jnp.inf
 def _safe_lse(x: Array, axis: int) -> tuple[Array, Array, Array]:
   """Guarded logsumexp over `axis`: -inf (not NaN) for all -inf slices, finite gradients.
 
+  A NaN in a slice stays NaN (it is not "no mass"): diverged parameters must show up in the loss.
   Returns (lse, p, m): p = exp(x - m) and m the finite-guarded max, so callers can reuse p.
   """
   m = jnp.max(x, axis=axis)
@@ -63,7 +64,7 @@ def _safe_lse(x: Array, axis: int) -> tuple[Array, Array, Array]:
   s = jnp.sum(p, axis=axis)
   nonzero = s > 0
   lse = jnp.where(nonzero, m + jnp.log(jnp.where(nonzero, s, 1.0)), _NEG_INF)
-  return lse, p, m
+  return jnp.where(jnp.isnan(s), jnp.nan, lse), p, m
 
 
 def _float_dtype(x: Array):
@@ -124,7 +125,7 @@ def dag_log_likelihood_autodiff(
   last_t, last_v = _ends(num_targets, num_vertices, emit.shape[1], emit.shape[2])
   ll = _read_end(_forward(emit, trans), last_t, last_v)
   # An infeasible end cell is emit + (-inf): cut the gradient its emission would otherwise get.
-  return jnp.where(jnp.isfinite(ll), ll, _NEG_INF)
+  return jnp.where(jnp.isneginf(ll), _NEG_INF, ll)
 
 
 @jax.custom_vjp
@@ -151,7 +152,7 @@ def _log_z_bwd(residuals, g):
   """
   emit, trans, alphas, log_z, last_t, last_v = residuals
   m, s = emit.shape[1], emit.shape[2]
-  feasible = jnp.isfinite(log_z)
+  feasible = ~jnp.isneginf(log_z)  # NaN stays NaN in the gradients too
   log_z = jnp.where(feasible, log_z, 0.0)
   g = jnp.where(feasible, g, 0.0)
   end = jnp.where(jnp.arange(s)[None, :] == last_v[:, None], 0.0, _NEG_INF).astype(emit.dtype)
@@ -199,14 +200,15 @@ def dag_log_likelihood(
 
 def dag_loss(emit_logp: Array, trans_logp: Array, num_targets: Array, num_vertices: Array,
              log_likelihood_fn=dag_log_likelihood) -> Array:
-  """Per-example loss (B,) = -log_likelihood / M_b; infeasible rows give 0 (reference §4.5).
+  """Per-example loss (B,) = -log_likelihood / M_b; infeasible rows (log-likelihood -inf) give 0.
 
+  A NaN log-likelihood (diverged parameters) is NOT infeasible: it stays NaN so the trainer stops.
   The objective sums this over the batch and divides by the number of examples.
   """
   ll = log_likelihood_fn(emit_logp, trans_logp, num_targets, num_vertices)
-  ok = jnp.isfinite(ll)
-  per_target = -jnp.where(ok, ll, 0.0) / jnp.maximum(num_targets, 1).astype(ll.dtype)
-  return jnp.where(ok, per_target, 0.0)
+  infeasible = jnp.isneginf(ll)
+  per_target = -jnp.where(infeasible, 0.0, ll) / jnp.maximum(num_targets, 1).astype(ll.dtype)
+  return jnp.where(infeasible, 0.0, per_target)
 
 
 def dag_best_path(
