@@ -1,25 +1,27 @@
-"""Times the jitted train step of MLM, MAE-LM and ExLM(k): step time, tokens/s, ratio to MLM, DAG share.
+"""Times the jitted train step of every objective: step time, tokens/s, ratio to the baseline (MLM), DAG share.
 
-  python bench/step_time.py --size small --seq_len 128 --batch 16             # mlm, maelm, exlm k=1,2,4,8
+  python bench/step_time.py --size small --seq_len 128 --batch 16   # every objective; k=1,2,4,8 where it has copies
   python bench/step_time.py --objective mlm --objective maelm --objective maelm:decoder_layers=1
   python bench/step_time.py --objective mlm --objective exlm --k 4 --size base --dtype bfloat16 \
       --seq_len 512 --batch 64 --json out.json
   python bench/step_time.py --objective mlm --data_path '$DATA/text/agnews/dev.tsv'   # input- or compute-bound?
 
 Each row is a real pretraining config (`config_lib.pretrain_config(objective, size)` + the objective's
-default block; `--set dotted.key=value` overrides, where a key under another objective's block, e.g.
-`maelm.decoder_layers`, only touches that objective's rows). The step is the trainer's own
-(`TrainSetup.compile_train_step`: AOT-compiled, state donated, masking inside the step) on full-length
-synthetic blocks `<s> x ... x </s>`. All rows are compiled and warmed up first, then timed round-robin
-(`--rounds` x `--steps`, each step ended by `block_until_ready`) so load drifting on a shared host hits
-every row alike; the table shows the median.
+default block, `Objective.default_config`; `--set dotted.key=value` overrides, where a key under another
+objective's block, e.g. `maelm.decoder_layers`, only touches that objective's rows). `--k N` is
+`NAME:<copies option>=N` for every objective with copies per token (`Objective.copies_option`: ExLM,
+Repeated-MLM). The step is the trainer's own (`TrainSetup.compile_train_step`: AOT-compiled, state
+donated, masking inside the step) on full-length synthetic blocks `<s> x ... x </s>`. All rows are
+compiled and warmed up first, then timed round-robin (`--rounds` x `--steps`, each step ended by
+`block_until_ready`) so load drifting on a shared host hits every row alike; the table shows the median.
 
 Columns: step ms (median), tokens/s (batch x seq_len original tokens, as the trainer's progress line),
-xMLM (step-time ratio to the MLM row), CPU ms + xMLM (CPU only: process CPU time per step over all
-threads, steadier than wall time when other jobs share the host), GFLOP (analytic model FLOPs per step,
-exlm_jax/train/flops.py), TFLOP/s per device, MFU (device peak from `flops.PEAK_FLOPS`, none on CPU),
-DAG % (ExLM: the DAG loss forward+backward timed alone on the step's shapes, over the step time) and
-mem MiB (XLA temp + argument bytes of the compiled step, per device).
+xMLM (step-time ratio to the row of `objectives.BASELINE`), CPU ms + xMLM (CPU only: process CPU time per
+step over all threads, steadier than wall time when other jobs share the host), GFLOP (analytic model FLOPs
+per step, exlm_jax/train/flops.py), TFLOP/s per device, MFU (device peak from `flops.PEAK_FLOPS`, none on
+CPU), DAG % (rows whose FLOPs model has a DAG programme, i.e. ExLM: the DAG loss forward+backward timed
+alone on the step's shapes, over the step time) and mem MiB (XLA temp + argument bytes of the compiled
+step, per device).
 --profile DIR writes a jax.profiler trace of 3 steps per row (open with TensorBoard / xprof).
 """
 
@@ -37,12 +39,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from exlm_jax import config_lib
+from exlm_jax import config_lib, objectives
 from exlm_jax.data import vocab
-from exlm_jax.objectives import dag, masking
+from exlm_jax.objectives import dag
 from exlm_jax.train import flops, partitioning, steps
 
-OBJECTIVES = ("mlm", "maelm", "exlm")
+BASELINE = objectives.BASELINE
 DEFAULT_VOCAB = {"tiny": 1000, "small": 8000, "base": 32768, "large": 32768}
 
 
@@ -56,7 +58,7 @@ def apply_overrides(config, overrides: list[str]):
     if not sep:
       raise ValueError(f"--set {item!r}: expected dotted.key=value, e.g. --set model.remat=full")
     *parents, leaf = key.split(".")
-    if parents and parents[0] in OBJECTIVES and parents[0] != config.objective:
+    if parents and parents[0] in objectives.names() and parents[0] != config.objective:
       continue
     node = config
     for name in parents:
@@ -67,15 +69,12 @@ def apply_overrides(config, overrides: list[str]):
   return config
 
 
-def make_config(objective: str, k: int | None, overrides: list[str], args):
-  """The pretraining config of one benchmark row."""
+def make_config(objective: str, overrides: list[str], args):
+  """The pretraining config of one benchmark row: the objective's default block, then `overrides`."""
   config = config_lib.pretrain_config(objective, args.size)
-  if objective == "maelm":
-    from exlm_jax.objectives import maelm  # pylint: disable=g-import-not-at-top
-    config.maelm = maelm.default_config()
-  if objective == "exlm":
-    from exlm_jax.objectives import exlm  # pylint: disable=g-import-not-at-top
-    config.exlm = exlm.default_config(num_copies=k)
+  default_block = objectives.get(objective).default_config
+  if default_block is not None:
+    config[objective] = default_block()
   config.model.update(vocab_size=args.vocab or DEFAULT_VOCAB[args.size], dtype=args.dtype, remat=args.remat)
   config.seq_len, config.batch_size = args.seq_len, args.batch
   config.warmup_steps = 1
@@ -90,12 +89,10 @@ def synthetic_blocks(batch: int, seq_len: int, vocab_size: int, seed: int) -> np
   return tokens
 
 
-def dag_inputs(config, k: int):
-  """ExLM-shaped DAG inputs: emit (B, G, S), trans (B, S, S) log-softmax over later vertices,
-  num_targets (B,) = m + 2, num_vertices (B,) = k (m + 2); G = M_max + 2, S = k G, m = round(p n)."""
-  batch, n = config.batch_size, config.seq_len
-  groups = masking.max_masked(config.mask_prob, n) + 2
-  size = k * groups
+def dag_inputs(config, groups: int, size: int):
+  """DAG inputs of the step's shapes: emit (B, G, S), trans (B, S, S) log-softmax over later vertices,
+  num_targets (B,) = m + 2, num_vertices (B,) = k (m + 2); S = k G, m = round(p n)."""
+  batch, n, k = config.batch_size, config.seq_len, size // groups
   key_e, key_t = jax.random.split(jax.random.key(0))
   num_targets = jnp.full((batch,), min(round(config.mask_prob * n), groups - 2) + 2, jnp.int32)
   num_vertices = k * num_targets
@@ -126,7 +123,7 @@ class Run:
 
   def __init__(self, objective: str, k: int | None, label: str, overrides: list[str], args, mesh):
     self.objective, self.k, self.label, self.overrides = objective, k, label, overrides
-    self.config = config = make_config(objective, k, overrides, args)
+    self.config = config = make_config(objective, overrides, args)
     self.setup = steps.TrainSetup.create(config, mesh)
     started = time.perf_counter()
     self.compiled = self.setup.compile_train_step()
@@ -154,13 +151,12 @@ class Run:
     return None if mem is None else int(mem.temp_size_in_bytes + mem.argument_size_in_bytes)
 
   def dag_seconds(self, repeats: int) -> float | None:
-    """DAG loss forward+backward alone on this row's shapes (ExLM with DAG transitions only)."""
-    if self.objective != "exlm":
+    """DAG loss forward+backward alone on this row's shapes (rows whose FLOPs model runs the DAG programme)."""
+    counted = flops.breakdown(self.config)
+    if counted.dag == 0:
       return None
-    from exlm_jax.objectives import exlm  # pylint: disable=g-import-not-at-top
-    if exlm.options(self.config).transitions != "dag":
-      return None
-    emit, trans, num_targets, num_vertices = dag_inputs(self.config, self.k)
+    shapes = dict(counted.shapes)
+    emit, trans, num_targets, num_vertices = dag_inputs(self.config, shapes["groups_max"], shapes["vertices_max"])
     loss = lambda e, t: jnp.sum(dag.dag_loss(e, t, num_targets, num_vertices))
     fwd_bwd = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
     return median_seconds(lambda: fwd_bwd(emit, trans), repeats)
@@ -182,8 +178,8 @@ def input_seconds(args, config) -> float:
 # -- report ---------------------------------------------------------------------------------------
 
 
-def record(run: Run, mlm: Run | None, args, peak: float | None, dag_s: float | None) -> dict:
-  """One JSON record per row."""
+def record(run: Run, baseline: Run | None, args, peak: float | None, dag_s: float | None) -> dict:
+  """One JSON record per row; the ratios are to the `baseline` row (`objectives.BASELINE`)."""
   config, device = run.config, jax.devices()[0]
   step_s, cpu_s = statistics.median(run.wall), statistics.median(run.cpu)
   model_flops = flops.train_flops_per_step(config)
@@ -193,8 +189,9 @@ def record(run: Run, mlm: Run | None, args, peak: float | None, dag_s: float | N
       "vocab_size": config.model.vocab_size, "overrides": run.overrides,
       "step_time_s": step_s, "num_samples": len(run.wall),
       "tokens_per_s": config.batch_size * config.seq_len / step_s,
-      "ratio_to_mlm": step_s / statistics.median(mlm.wall) if mlm else None,
-      "cpu_time_s": cpu_s, "cpu_ratio_to_mlm": cpu_s / statistics.median(mlm.cpu) if mlm else None,
+      f"ratio_to_{BASELINE}": step_s / statistics.median(baseline.wall) if baseline else None,
+      "cpu_time_s": cpu_s,
+      f"cpu_ratio_to_{BASELINE}": cpu_s / statistics.median(baseline.cpu) if baseline else None,
       "flops_per_step": model_flops, "flops_breakdown": flops.breakdown(config).as_dict(),
       "xla_flops_per_step": flops.xla_flops(run.compiled),
       **flops.perf_metrics(model_flops, step_s, jax.device_count(), peak),
@@ -211,14 +208,15 @@ def _cell(value, spec: str, scale: float = 1.0) -> str:
 
 def print_table(records: list[dict], header: str) -> None:
   cpu, width = records[0]["device"] == "cpu", max(len(r["label"]) for r in records + [{"label": "objective"}])
-  title = (f"{'objective':<{width}} {'step ms':>8} {'tokens/s':>9} {'xMLM':>5} "
-           + (f"{'CPU ms':>7} {'xMLM':>5} " if cpu else "")
+  ratio = "x" + BASELINE.upper()
+  title = (f"{'objective':<{width}} {'step ms':>8} {'tokens/s':>9} {ratio:>5} "
+           + (f"{'CPU ms':>7} {ratio:>5} " if cpu else "")
            + f"{'GFLOP':>7} {'TFLOP/s/dev':>11} {'MFU %':>6} {'DAG %':>6} {'mem MiB':>8}")
   print(header, title, "-" * len(title), sep="\n")
   for r in records:
     print(f"{r['label']:<{width}} {r['step_time_s'] * 1e3:>8.1f} {r['tokens_per_s']:>9,.0f} "
-          f"{_cell(r['ratio_to_mlm'], '.2f'):>5} "
-          + (f"{r['cpu_time_s'] * 1e3:>7.0f} {_cell(r['cpu_ratio_to_mlm'], '.2f'):>5} " if cpu else "")
+          f"{_cell(r[f'ratio_to_{BASELINE}'], '.2f'):>5} "
+          + (f"{r['cpu_time_s'] * 1e3:>7.0f} {_cell(r[f'cpu_ratio_to_{BASELINE}'], '.2f'):>5} " if cpu else "")
           + f"{r['flops_per_step'] / 1e9:>7.1f} {r['tflops_per_device']:>11.3f} "
           f"{_cell(r.get('mfu'), '.1f', 100):>6} {_cell(r['dag_fraction'], '.1f', 100):>6} "
           f"{_cell(r['peak_memory_bytes'], '.0f', 2**-20):>8}")
@@ -229,10 +227,13 @@ def print_table(records: list[dict], header: str) -> None:
 
 def parse_args(argv=None):
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  names = sorted(objectives.names(), key=lambda name: name != BASELINE)  # the baseline row first
+  with_copies = [objectives.get(name).title for name in names if objectives.get(name).copies_option]
   parser.add_argument("--objective", action="append",
-                      help="mlm | maelm | exlm | all, or NAME:key=value,... for a row with that objective's "
+                      help=f"{' | '.join(names)} | all, or NAME:key=value,... for a row with that objective's "
                            "block overridden (e.g. maelm:decoder_layers=1); repeatable; default all")
-  parser.add_argument("--k", action="append", type=int, help="ExLM copies per group, repeatable; default 1 2 4 8")
+  parser.add_argument("--k", action="append", type=int,
+                      help=f"copies per token of {', '.join(with_copies)}, repeatable; default 1 2 4 8")
   parser.add_argument("--size", default="small", choices=tuple(config_lib.MODEL_SIZES))
   parser.add_argument("--seq_len", type=int, default=128)
   parser.add_argument("--batch", type=int, default=32, help="global batch in sequences")
@@ -254,13 +255,15 @@ def parse_args(argv=None):
   args.plan = []  # (objective, k, label, block overrides)
   for spec in args.objective or ["all"]:
     name, _, block = spec.partition(":")
-    if name not in OBJECTIVES + ("all",):
-      parser.error(f"--objective {spec!r}: choose mlm, maelm, exlm or all (optionally NAME:key=value,...)")
+    if name not in (*names, "all"):
+      parser.error(f"--objective {spec!r}: choose {', '.join(names)} or all (optionally NAME:key=value,...)")
     extra = [f"{name}.{item}" for item in block.split(",") if item]
-    for objective in (OBJECTIVES if name == "all" else (name,)):
-      for k in (args.ks if objective == "exlm" else (None,)):
-        label = objective if k is None else f"exlm k={k}"
-        args.plan.append((objective, k, f"{label} {block}" if block else label, extra))
+    for objective in (names if name == "all" else (name,)):
+      copies = objectives.get(objective).copies_option
+      for k in (args.ks if copies else (None,)):
+        label = objective if k is None else f"{objective} k={k}"
+        row = extra if k is None else [f"{objective}.{copies}={k}", *extra]
+        args.plan.append((objective, k, f"{label} {block}" if block else label, row))
   return args
 
 
@@ -288,12 +291,12 @@ def main(argv=None) -> list[dict]:
         for _ in range(3):
           run.step()
 
-  mlm = next((r for r in runs if r.objective == "mlm"), None)
+  baseline = next((r for r in runs if r.objective == BASELINE), None)
   repeats = args.steps * args.rounds
   records = []
   for run in runs:
     dag_s = None if args.no_dag else run.dag_seconds(repeats)
-    records.append({"label": run.label, **record(run, mlm, args, peak, dag_s), "load_average": load})
+    records.append({"label": run.label, **record(run, baseline, args, peak, dag_s), "load_average": load})
   header = (f"{device.platform} ({device.device_kind}) x {jax.device_count()}, jax {jax.__version__} | "
             f"size {args.size}, seq {args.seq_len}, batch {args.batch}, {args.dtype}, remat {args.remat}, "
             f"vocab {records[0]['vocab_size']}{''.join(' --set ' + s for s in args.set)} | "

@@ -15,164 +15,32 @@
 one `checkpoints/<step>` folder, or a fine-tuning seed folder (`<workdir>/seed_<s>`). A fine-tuning
 workdir loads the seed with the best validation score (results.json) unless `seed=` is given.
 
-Parameters are restored with Orbax (only the `params` of the saved state) and replicated over a
-1-D mesh of the local devices; the bound convenience methods pad the batch to a multiple of the
-device count and split it over them.
+Parameters are restored with Orbax (only the `params` of the saved state, exlm_jax/run_store.py) and
+replicated over a 1-D mesh of the local devices; the bound convenience methods pad the batch to a
+multiple of the device count and split it over them. `predict_masked` follows the pretraining objective's
+own prediction rule (`Objective.masked_log_probs`; options such as ExLM's `copies` via `predict_options`).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import logging
-import math
-import pathlib
 from typing import Sequence
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from exlm_jax.data import vocab
 from exlm_jax.models.encoder import Encoder, ModelConfig
+from exlm_jax.run_store import (FINETUNE, TASK_FILE, RunLocation, load_tokenizer, model_config_from_run,
+                                pretrain_objective, read_json, resolve_run, restore_params, run_config)
+from exlm_jax.run_store import CONFIG_FILE  # noqa: F401  (finetune/loop.py reads it here until it uses run_store)
 
 log = logging.getLogger(__name__)
 
 MASK_STRING = vocab.SPECIAL_TOKENS[vocab.MASK]  # "[MASK]"
-CONFIG_FILE = "config.json"
-TASK_FILE = "task.json"
-RESULTS_FILE = "results.json"
 NEVER_PREDICTED = (vocab.PAD, vocab.BOS, vocab.EOS, vocab.MASK)  # never proposed by predict_masked
-
-
-# ----------------------------------------------------------------------------------------------
-# Finding and restoring a run
-# ----------------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class RunLocation:
-  """Where a run's pieces are. kind: 'pretrain' | 'finetune'; step None = the latest checkpoint."""
-
-  workdir: pathlib.Path
-  checkpoint_dir: pathlib.Path
-  step: int | None
-  kind: str
-  seed: int | None = None
-
-
-def _is_step_dir(path: pathlib.Path) -> bool:
-  return path.is_dir() and path.name.isdigit()
-
-
-def _has_steps(path: pathlib.Path) -> bool:
-  return path.is_dir() and any(_is_step_dir(p) for p in path.iterdir())
-
-
-def read_json(path: pathlib.Path) -> dict:
-  with open(path) as f:
-    return json.load(f)
-
-
-def _finetune_seed(workdir: pathlib.Path, seed: int | None) -> int:
-  """The requested seed, else the best validation seed from results.json, else the first seed folder."""
-  seeds = sorted(int(p.name[5:]) for p in workdir.glob("seed_*") if p.name[5:].isdigit()
-                 and _has_steps(p / "checkpoints"))
-  if seed is not None:
-    if seed not in seeds:
-      raise FileNotFoundError(f"{workdir} has no checkpoint for seed {seed}; seeds with checkpoints: {seeds}")
-    return seed
-  if (workdir / RESULTS_FILE).is_file():
-    best = read_json(workdir / RESULTS_FILE).get("best_seed")
-    if best in seeds:
-      return best
-  if not seeds:
-    raise FileNotFoundError(f"{workdir} is a fine-tuning workdir without checkpoints (no seed_<s>/checkpoints/<step>); "
-                            "has the run finished its first seed, with save_checkpoints=True?")
-  return seeds[0]
-
-
-def resolve_run(path, seed: int | None = None) -> RunLocation:
-  """Finds config, tokenizer and checkpoint folder for any of the path forms `load` accepts."""
-  path = pathlib.Path(path).expanduser().absolute()
-  if not path.exists():
-    raise FileNotFoundError(f"{path} does not exist; pass a workdir written by main.py")
-  step = None
-  if _is_step_dir(path) and path.parent.name == "checkpoints":
-    step, path = int(path.name), path.parent  # .../checkpoints/<step>
-  if path.name == "checkpoints" and (path.parent / CONFIG_FILE).exists():
-    return _locate(path.parent, path, step, seed)
-  if path.name == "checkpoints" and path.parent.name.startswith("seed_"):
-    return _locate(path.parent.parent, path, step, int(path.parent.name[5:]))
-  if path.name.startswith("seed_") and (path.parent / CONFIG_FILE).exists():
-    return _locate(path.parent, path / "checkpoints", step, int(path.name[5:]))
-  if (path / CONFIG_FILE).exists():
-    return _locate(path, None, step, seed)
-  raise FileNotFoundError(f"{path} holds no exlm_jax run (no {CONFIG_FILE}, no checkpoints/): pass a workdir "
-                          "written by main.py, its checkpoints/ folder or one checkpoints/<step> folder")
-
-
-def _locate(workdir: pathlib.Path, checkpoint_dir: pathlib.Path | None, step: int | None,
-            seed: int | None) -> RunLocation:
-  config = read_json(workdir / CONFIG_FILE)
-  kind = "finetune" if "finetune" in config else "pretrain"
-  if checkpoint_dir is None:
-    if kind == "finetune":
-      seed = _finetune_seed(workdir, seed)
-      checkpoint_dir = workdir / f"seed_{seed}" / "checkpoints"
-    else:
-      checkpoint_dir = workdir / "checkpoints"
-  if not _has_steps(checkpoint_dir):
-    raise FileNotFoundError(f"{workdir} has {CONFIG_FILE} but no checkpoint under {checkpoint_dir}; "
-                            "let the run reach its first checkpoint (checkpoint_every) or pass another path")
-  if step is not None and not (checkpoint_dir / str(step)).is_dir():
-    raise FileNotFoundError(f"no checkpoint for step {step} in {checkpoint_dir}")
-  return RunLocation(workdir, checkpoint_dir, step, kind, seed)
-
-
-def restore_params(checkpoint_dir, step: int | None = None, sharding: jax.sharding.Sharding | None = None):
-  """(params, step) from `checkpoint_dir/<step>` (latest when None): only the state's 'params' are read
-  (a partial PyTree restore: the optimizer state of a pretraining checkpoint is never loaded).
-
-  Every array is placed with `sharding` (default: the first local device), whatever mesh wrote it.
-  """
-  manager = ocp.CheckpointManager(pathlib.Path(checkpoint_dir).absolute(),
-                                  item_handlers={"state": ocp.PyTreeCheckpointHandler()})
-  try:
-    step = manager.latest_step() if step is None else step
-    if step is None:
-      raise FileNotFoundError(f"no checkpoint in {checkpoint_dir}")
-    sharding = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    metadata = manager.item_metadata(step)["state"]
-    if "params" not in metadata:
-      raise ValueError(f"checkpoint {checkpoint_dir}/{step} has no 'params' in its state "
-                       f"(keys {sorted(metadata)}); is it an exlm_jax checkpoint?")
-    target = {"params": jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding),
-                                     metadata["params"])}
-    restore_args = ocp.checkpoint_utils.construct_restore_args(target)
-    restored = manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.PyTreeRestore(item=target, restore_args=restore_args, partial_restore=True)))
-  finally:
-    manager.close()
-  return restored["state"]["params"], step
-
-
-def load_tokenizer(workdir: pathlib.Path):
-  from exlm_jax.data import tokenizers  # pylint: disable=g-import-not-at-top
-  directory = pathlib.Path(workdir) / "tokenizer"
-  if not directory.is_dir():
-    raise FileNotFoundError(f"{workdir} has no tokenizer/ folder; was it written by main.py?")
-  return tokenizers.load(directory)
-
-
-def model_config_from_run(config: dict, overrides: dict | None = None) -> ModelConfig:
-  """ModelConfig from a run's config.json `model` section (vocab_size included)."""
-  if "model" not in config:
-    raise ValueError("config.json has no 'model' section; is it an exlm_jax run?")
-  return ModelConfig.from_config(config["model"], **(overrides or {}))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -244,46 +112,6 @@ def mean_pool(hidden: jax.Array, padding_mask: jax.Array) -> jax.Array:
   return jnp.sum(hidden * weights, axis=1) / jnp.maximum(jnp.sum(weights, axis=1), 1.0)
 
 
-def make_masked_logits_fn(objective: str, config: ml_collections.ConfigDict, exlm_copies: str = "mixture"):
-  """masked_logits_fn(params, token_ids (B, L), mask_slots (B, P)) -> (B, P, V) float32 log-probabilities.
-
-  token_ids carry vocab.MASK at the slots to fill; mask_slots lists them (pad with 0, ignored by
-  the caller). Per objective:
-    mlm:   encoder on the input with [MASK], tied LM head at the slots;
-    maelm: [MASK] slots removed from the encoder (kept tokens keep their original positions),
-           decoder on the full block with the [MASK] embedding there, LM head at the slots;
-    exlm:  every [MASK] (and <s>, final </s>) expanded into k copies with copy index 1..k, LM head at
-           the copies; per [MASK] the uniform mixture of its k copies' distributions
-           (exlm_copies='mixture') or the first copy's (exlm_copies='first').
-  """
-  from exlm_jax import objectives  # pylint: disable=g-import-not-at-top  (registers all objectives)
-  module = objectives.get(objective).make_model(config, True)
-
-  if objective in ("mlm", "maelm"):
-    def body(m, tokens, slots):
-      return m.predict(tokens, slots)
-  elif objective == "exlm":
-    if exlm_copies not in ("mixture", "first"):
-      raise ValueError(f"exlm_copies={exlm_copies!r}; choose 'mixture' or 'first'")
-
-    def body(m, tokens, slots):
-      batch, num_slots = slots.shape
-      k = m.num_copies
-      _, _, _, logits = m.expanded_logits(tokens, tokens == vocab.MASK, num_slots + 2)  # (B, k G, V)
-      logp = jax.nn.log_softmax(logits.reshape(batch, num_slots + 2, k, -1)[:, 1:-1], axis=-1)  # masks only
-      if exlm_copies == "first":
-        return logp[:, :, 0]
-      return jax.nn.logsumexp(logp, axis=2) - math.log(k)
-  else:
-    raise ValueError(f"predict_masked does not know objective {objective!r}")
-
-  def masked_logits_fn(params, token_ids, mask_slots):
-    out = module.apply({"params": params}, token_ids, mask_slots, method=body)
-    return jax.nn.log_softmax(out.astype(jnp.float32), axis=-1)
-
-  return masked_logits_fn
-
-
 # ----------------------------------------------------------------------------------------------
 # The loaded model
 # ----------------------------------------------------------------------------------------------
@@ -299,17 +127,16 @@ class LoadedModel:
   """
 
   def __init__(self, location: RunLocation, devices: Sequence[jax.Device] | None = None,
-               exlm_copies: str = "mixture"):
+               predict_options: dict | None = None):
     self.path = location.workdir
     self.kind = location.kind
     self.seed = location.seed
-    raw = read_json(location.workdir / CONFIG_FILE)
-    self.config = ml_collections.ConfigDict(raw)
-    self.task = read_json(location.workdir / TASK_FILE) if self.kind == "finetune" else None
-    self.objective = self.task["pretrain_objective"] if self.task else raw.get("objective")
-    self.model_config = model_config_from_run(raw, dict(dropout_rate=0.0, attention_dropout_rate=0.0))
+    self.config = run_config(location)
+    self.task = read_json(location.workdir / TASK_FILE) if self.kind == FINETUNE else None
+    self.objective = pretrain_objective(location)
+    self.model_config = model_config_from_run(self.config.to_dict(), dict(dropout_rate=0.0, attention_dropout_rate=0.0))
     self.tokenizer = load_tokenizer(location.workdir)
-    self.max_length = int(raw.get("seq_len", 512))
+    self.max_length = int(self.config.get("seq_len", 512))
     devices = list(devices or jax.local_devices())
     self.mesh = Mesh(np.asarray(devices), ("data",))
     self._replicated = NamedSharding(self.mesh, P())
@@ -322,12 +149,13 @@ class LoadedModel:
     self.embed_fn = lambda params, ids, mask: mean_pool(self.encode_fn(params, ids, mask), mask)
     self.masked_logits_fn = None
     self.predict_fn = None
-    if self.kind == "pretrain":
-      self.masked_logits_fn = make_masked_logits_fn(self.objective, self.config, exlm_copies)
-    else:
+    if self.kind == FINETUNE:
       from exlm_jax.finetune import model as ft_model  # pylint: disable=g-import-not-at-top
       net = ft_model.FinetuneModel(self.model_config, int(self.task["num_outputs"]), 0.0, True)
       self.predict_fn = lambda params, ids: net.apply({"params": params}, ids)
+    else:
+      from exlm_jax.objectives import base  # pylint: disable=g-import-not-at-top  (imports every objective)
+      self.masked_logits_fn = base.masked_log_probs_fn(self.config, **(predict_options or {}))
     self._jitted = {}
 
   # -- helpers ------------------------------------------------------------------------------------
@@ -397,8 +225,8 @@ class LoadedModel:
     """Top-k fillers for every literal "[MASK]" in each string (pretraining runs only).
 
     Returns, per input, per [MASK] in order, `top_k` (token, probability) pairs; <pad>, <s>, </s> and
-    [MASK] are never proposed. See `make_masked_logits_fn` for how each objective predicts (ExLM: the
-    mixture of the k copies' distributions unless loaded with exlm_copies='first').
+    [MASK] are never proposed. Each objective predicts by its own rule (`Objective.masked_log_probs`; ExLM:
+    the mixture of the k copies' distributions unless loaded with predict_options={'copies': 'first'}).
     """
     if self.masked_logits_fn is None:
       raise ValueError(f"{self.path} is a fine-tuning run (no LM head); use predict(), or load the "
@@ -450,12 +278,13 @@ class LoadedModel:
 
 
 def load(path, *, seed: int | None = None, devices: Sequence[jax.Device] | None = None,
-         exlm_copies: str = "mixture") -> LoadedModel:
+         predict_options: dict | None = None) -> LoadedModel:
   """Restores a run written by main.py (see the module docstring for the accepted paths).
 
   seed: fine-tuning workdirs only; default = the best validation seed in results.json.
   devices: where to replicate the params (default: all local devices).
-  exlm_copies: how ExLM's predict_masked reads the k copies of a [MASK]: 'mixture' | 'first'.
+  predict_options: keyword options of the pretraining objective's prediction rule, e.g. for ExLM
+    {'copies': 'first'} (how predict_masked reads the k copies of a [MASK]; default 'mixture').
   Raises FileNotFoundError with what to pass when `path` holds no checkpoint.
   """
-  return LoadedModel(resolve_run(path, seed), devices, exlm_copies)
+  return LoadedModel(resolve_run(path, seed), devices, predict_options)

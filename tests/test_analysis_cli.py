@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from exlm_jax.analysis import __main__ as cli
-from exlm_jax.analysis import tools
+from exlm_jax.analysis import dag_view, effective_rank, inputs
 from exlm_jax.data import vocab
 from exlm_jax.objectives import dag
 
@@ -118,10 +118,10 @@ def test_effective_rank_and_entropy_cli(runs, objective, tmp_path):
 
 
 def test_effective_rank_equals_direct_svd(runs, tmp_path):
-  run = tools.load_run(runs["maelm"])
-  blocks = tools.load_data_blocks(SMILES_FILE, run, max_sequences=20)
-  result = tools.effective_rank(run, SMILES_FILE, str(tmp_path), energy=0.9, modes=("corpus",), blocks=blocks,
-                                batch_size=8)
+  run = inputs.load_run(runs["maelm"])
+  blocks = inputs.load_data_blocks(SMILES_FILE, run, max_sequences=20)
+  result = effective_rank.analyse(run, SMILES_FILE, str(tmp_path), energy=0.9, modes=("corpus",), blocks=blocks,
+                                  batch_size=8)
   # Independent forward: the encoder on the clean blocks, layer 1, real tokens only.
   encoder = run.encoder()
   _, hidden = encoder.apply({"params": run.params["encoder"]}, blocks, padding_mask=blocks == vocab.PAD,
@@ -141,8 +141,8 @@ def test_effective_rank_equals_direct_svd(runs, tmp_path):
 def test_dag_view_path_equals_dag_best_path(runs, tmp_path):
   _cli("dag_view", "--workdir", runs["exlm"], "--data", SMILES_FILE, "--index", 3, "--out", tmp_path)
   result = _check_outputs(tmp_path, "dag_view")
-  run = tools.load_run(runs["exlm"])
-  tokens, is_masked = tools.dag_view_inputs(run, SMILES_FILE, index=3)
+  run = inputs.load_run(runs["exlm"])
+  tokens, is_masked = dag_view.dag_view_inputs(run, SMILES_FILE, index=3)
   model = run.model()
   forward = jax.jit(lambda p, t, k: model.apply({"params": p}, t, k, method=lambda m, t, k: m.forward(t, k)))
   out = forward(run.params, tokens, is_masked)

@@ -96,9 +96,14 @@ def test_load_round_trips_and_encode_equals_training_forward(mlm_run):
   assert ids.dtype == np.int32 and ids.shape[1] % 8 == 0 and (ids[:, 0] == vocab.BOS).all()
   assert model.detokenize(ids) == ["CCO", "c1ccccc1O"]
 
-  # The training-time forward: the MLM objective's own model (its encoder), on the params restored by
-  # the trainer's checkpoint module.
-  restored, step = checkpoint.restore_params(str(path))
+  # The training-time forward: the MLM objective's own model (its encoder), on the params of the whole
+  # training state restored by the trainer's checkpoint module (Orbax StandardRestore, not the run store's
+  # params-only restore).
+  setup = steps.TrainSetup.create(config, partitioning.create_mesh(config.mesh))
+  manager = checkpoint.make_manager(str(path / "checkpoints"), config)
+  state, step = checkpoint.restore(manager, setup.abstract_state())
+  manager.close()
+  restored = state.params
   assert step == 3
   net = mlm.make_model(config, True)
   reference = jax.jit(lambda p, t, m: net.apply({"params": p}, t, m, method=lambda mod, t, m: mod.encoder(

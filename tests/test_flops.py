@@ -17,6 +17,8 @@ import jax.numpy as jnp
 import pytest
 
 from exlm_jax import config_lib
+from exlm_jax.models import flops as model_flops
+from exlm_jax.objectives import exlm
 from exlm_jax.train import flops, partitioning, steps
 
 
@@ -28,8 +30,10 @@ def _config(objective: str, size: str = "small", **block):
     from exlm_jax.objectives import maelm
     config.maelm = maelm.default_config(**block)
   if objective == "exlm":
-    from exlm_jax.objectives import exlm
     config.exlm = exlm.default_config(**block)
+  if objective == "repeated_mlm":
+    from exlm_jax.objectives import repeated_mlm
+    config.repeated_mlm = repeated_mlm.default_config(**block)
   return config
 
 
@@ -53,7 +57,7 @@ def _traced(setup):
 
 
 @pytest.mark.parametrize("objective,block", [("mlm", {}), ("maelm", {"decoder_layers": 1}),
-                                             ("exlm", {"num_copies": 4})])
+                                             ("exlm", {"num_copies": 4}), ("repeated_mlm", {"num_copies": 2})])
 def test_analytic_matches_traced_matmuls_and_compiled_cost_analysis(objective, block):
   config = _cheap_config(objective, **block)
   setup = _setup(config)
@@ -78,10 +82,10 @@ def test_narrow_maelm_decoder_and_remat_counts():
 def test_component_formulas():
   d, f, n, layers = 768, 3072, 512, 12
   # 6 N_nonembed + 12 L S d per token (anchors.md §6) with N_nonembed = 12 L d^2 at F = 4d.
-  per_token = 3 * flops.encoder_forward(n, layers, d, f) / n
+  per_token = 3 * model_flops.encoder_forward(n, layers, d, f) / n
   assert per_token == pytest.approx(6 * 12 * layers * d**2 + 12 * layers * n * d)
-  assert flops.lm_head_forward(10, d, 100) == 10 * (2 * d * d + 2 * d * 100)
-  assert flops.dag_train(1, 50) == 0.0
+  assert model_flops.lm_head_forward(10, d, 100) == 10 * (2 * d * d + 2 * d * 100)
+  assert exlm.dag_train(1, 50) == 0.0
 
 
 def test_objective_scaling():

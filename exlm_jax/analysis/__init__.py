@@ -1,10 +1,15 @@
-"""The papers' analyses (MAE-LM reference §8.2, ExLM reference §8.1-8.5) as importable tools and a CLI.
+"""The papers' analyses as importable tools and a CLI (`python -m exlm_jax.analysis <tool>`).
 
-Import the submodules (nothing is re-exported: `effective_rank` is both a module and a tool):
+Each tool module holds its maths and its driver `analyse(...)`, which runs on a pretraining workdir and
+writes `<tool>.json` + PNGs; what a tool measures on a given objective is that objective's business
+(`Objective.rank_groups`, `masked_log_probs`, `dag`). Import the submodules (nothing is re-exported):
+  inputs          the restored run (`load_run`), the analysis data as the pipeline's blocks, the mask rule
   effective_rank  rank_eps of token states (streaming Gram, per-sequence mode), [MASK]-subspace diagnostics
-  entropy         predictive entropy: MLM masked positions, ExLM state / Viterbi-path / posterior mixture
+  entropy         predictive entropy at masked positions: the prediction rule's, or DAG state / Viterbi-path /
+                  posterior mixture
   repeated_mlm    the Repeated-MLM pilot: repeat x k, Bernoulli(p) mask, ratios, the (p, k) grid (the
                   pretraining objective is exlm_jax/objectives/repeated_mlm.py)
+  dag_view        Viterbi alignment + transition matrix of one input (DAG objectives)
+  report          effective_rank + entropy per workdir and one Markdown comparison
   plots           PNGs: rank vs layer, entropy vs mask ratio, DAG alignment heatmap, Repeated-MLM grid
-  tools           the tools on trained workdirs; `python -m exlm_jax.analysis <tool>` runs them
 """

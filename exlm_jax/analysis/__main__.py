@@ -1,4 +1,4 @@
-"""Command line for the analysis tools (exlm_jax/analysis/tools.py); each writes JSON + PNG into --out.
+"""Command line for the analysis tools (exlm_jax/analysis/<tool>.py `analyse`); each writes JSON + PNG into --out.
 
   python -m exlm_jax.analysis effective_rank --workdir RUN --data FILE --out DIR [--energy 0.9 --center]
   python -m exlm_jax.analysis entropy --workdir RUN --data FILE --out DIR [--mask_ratios 0.15,0.3,0.45,0.6]
@@ -85,23 +85,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> dict:
-  from exlm_jax.analysis import tools  # pylint: disable=g-import-not-at-top  (imports JAX)
+  # pylint: disable=g-import-not-at-top  (the tools import JAX; --help stays fast)
+  from exlm_jax.analysis import dag_view, effective_rank, entropy, repeated_mlm, report
   common = dict(max_sequences=args.max_sequences, seed=args.seed)
   if args.tool == "effective_rank":
     modes = tuple(m.strip() for m in args.modes.split(",") if m.strip())
-    return tools.effective_rank(args.workdir, args.data, args.out, energy=args.energy, center=args.center,
-                                kind=args.kind, modes=modes, batch_size=args.batch_size,
-                                out_of_span=args.out_of_span, **common)
+    return effective_rank.analyse(args.workdir, args.data, args.out, energy=args.energy, center=args.center,
+                                  kind=args.kind, modes=modes, batch_size=args.batch_size,
+                                  out_of_span=args.out_of_span, **common)
   if args.tool == "entropy":
-    return tools.entropy(args.workdir, args.data, args.out, args.mask_ratios, batch_size=args.batch_size, **common)
+    return entropy.analyse(args.workdir, args.data, args.out, args.mask_ratios, batch_size=args.batch_size, **common)
   if args.tool == "repeated_mlm":
-    return tools.repeated_mlm(args.workdir, args.data, args.out, args.fixed, args.ratio, args.ks, **common)
+    return repeated_mlm.analyse(args.workdir, args.data, args.out, args.fixed, args.ratio, args.ks, **common)
   if args.tool == "dag_view":
-    return tools.dag_view(args.workdir, args.out, data=args.data, index=args.index, smiles=args.smiles,
-                          mask_positions=args.mask_positions, mask_ratio=args.mask_ratio, seed=args.seed)
+    return dag_view.analyse(args.workdir, args.out, data=args.data, index=args.index, smiles=args.smiles,
+                            mask_positions=args.mask_positions, mask_ratio=args.mask_ratio, seed=args.seed)
   if args.tool == "report":
-    return tools.report(args.workdirs, args.data, args.out, args.energy, args.center, args.mask_ratios,
-                        batch_size=args.batch_size, **common)
+    return report.analyse(args.workdirs, args.data, args.out, args.energy, args.center, args.mask_ratios,
+                          batch_size=args.batch_size, **common)
   raise ValueError(f"unknown tool {args.tool!r}; choose one of {TOOLS}")
 
 

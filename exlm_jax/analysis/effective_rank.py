@@ -1,4 +1,4 @@
-"""Effective rank of token representations (MAE-LM reference §8.2) and the [MASK]-subspace diagnostics.
+"""Effective rank of token representations and the [MASK]-subspace diagnostics; the `effective_rank` tool.
 
 Definition (the threshold is an argument and is recorded in every result):
   rank(H) = min{ k : sum_{i<=k} w_i >= energy * sum_i w_i },  w_i = s_i^2 ('squared') or s_i ('linear'),
@@ -8,16 +8,24 @@ to within a relative 1e-12 counts as reached, so exact boundaries are not lost t
 Corpus mode streams rows into a float64 Gram matrix G = H^T H (d, d) on the host; its eigenvalues
 are s_i^2. Per-sequence mode takes the rank of every sequence's own matrix and averages it (the
 reading a MAE-LM reviewer proposed); results carry `mode` so the two are never confused.
+
+The tool (`analyse`, `python -m exlm_jax.analysis effective_rank`) measures, per layer, the token groups the
+run's objective defines (`Objective.rank_groups`, e.g. objectives/mlm.py `rank_groups`; real = not <s>, </s>,
+<pad>; masks drawn with the pretraining rule at the run's mask_prob, always replaced by [MASK], seeded).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Mapping
+import os
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import scipy.linalg
+
+from exlm_jax import run_store
+from exlm_jax.analysis import inputs
 
 KINDS = ("squared", "linear")
 SPECTRA = ("singular", "gram")
@@ -311,4 +319,118 @@ def mask_subspace_diagnostics(clean_real: GramAccumulator, mask_states: GramAccu
     angles = principal_angles(masked_real.basis(energy=energy, center=center),
                               mask_states.basis(energy=energy, center=center))
     out["principal_angles_masked_real_vs_mask"] = angles
+  return out
+
+
+# ----------------------------------------------------------------------------------------------
+# The tool
+# ----------------------------------------------------------------------------------------------
+
+MODES = ("corpus", "per_sequence")
+
+
+def _rank_groups(run: inputs.Run):
+  groups = run.spec.rank_groups
+  if groups is None:
+    raise ValueError(f"effective_rank does not know objective {run.objective!r} (it defines no rank_groups)")
+  return groups
+
+
+def collect_states(run: inputs.Run, blocks: np.ndarray, batch_size: int = 32, seed: int = 0):
+  """Yields (group, layers: tuple of (B, n, D) numpy arrays, rows (B, n) bool) per batch and group."""
+  groups = _rank_groups(run)
+  hidden = inputs.hidden_states_fn(run)
+  for index, tokens in inputs.batches(blocks, batch_size):
+    selection = inputs.select_masks(tokens, float(run.config.mask_prob), seed, index)
+    for group, (layers, rows) in groups.collect(hidden, tokens, selection).items():
+      yield group, layers, rows
+
+
+def _rank_table(results: dict) -> dict[str, dict[str, list]]:
+  """{(group, layer): RankResult} -> {group: {'layer': [...], 'rank': [...], 'num_rows': [...], ...}}."""
+  table: dict[str, dict[str, list]] = {}
+  for (group, layer), result in sorted(results.items()):
+    row = table.setdefault(group, {"layer": [], "rank": [], "num_rows": []})
+    row["layer"].append(layer)
+    row["rank"].append(result.rank)
+    row["num_rows"].append(result.num_rows)
+    if result.mode == PER_SEQUENCE:
+      row.setdefault("rank_std", []).append(result.rank_std)
+      row.setdefault("num_sequences", []).append(result.num_sequences)
+  return table
+
+
+def analyse(workdir, data: str, out_dir: str, energy: float = 0.9, center: bool = False, kind: str = "squared",
+            modes: Sequence[str] = MODES, max_sequences: int = 512, batch_size: int = 32, seed: int = 0,
+            out_of_span: bool = True, blocks: np.ndarray | None = None) -> dict:
+  """Per-layer effective rank of each token group; writes effective_rank.json and effective_rank.png
+  (+ effective_rank_per_sequence.png). `blocks` (R, n) replaces reading `data` (tests, report)."""
+  from exlm_jax.analysis import plots  # pylint: disable=g-import-not-at-top  (plots imports this module)
+  run = inputs.as_run(workdir)
+  for mode in modes:
+    if mode not in MODES:
+      raise ValueError(f"mode {mode!r}; use 'corpus' and/or 'per_sequence'")
+  groups = _rank_groups(run)
+  blocks = inputs.load_data_blocks(data, run, max_sequences) if blocks is None else blocks
+  corpus = RankCollector()
+  per_seq = PerSequenceRankCollector(energy, center, kind)
+  for group, layers, rows in collect_states(run, blocks, batch_size, seed):
+    if "corpus" in modes:
+      corpus.add_layers(group, layers, rows)
+    if "per_sequence" in modes:
+      per_seq.add_layers(group, layers, rows)
+  result = {
+      "tool": "effective_rank", "workdir": run.workdir, "objective": run.objective, "step": run.step,
+      "data": data, "num_sequences": int(len(blocks)), "seq_len": int(blocks.shape[1]),
+      "d_model": int(run.config.model.d_model), "mask_prob": float(run.config.mask_prob), "seed": seed,
+      "settings": {"energy": energy, "kind": kind, "centered": center,
+                   "definition": "min k: sum_{i<=k} w_i >= energy * sum_i w_i, w_i = s_i^2 (squared) or s_i"},
+  }
+  pngs = {}
+  if "corpus" in modes:
+    corpus_results = corpus.results(energy, center, kind)
+    result["corpus"] = _rank_table(corpus_results)
+    # The other centring costs nothing from the same Gram matrices; anisotropy (one large mean
+    # direction) can change the answer, so both are always reported.
+    result[corpus_key(not center)] = _rank_table(corpus.results(energy, not center, kind))
+    pngs["corpus"] = plots.plot_rank_vs_layer(corpus_results, os.path.join(out_dir, "effective_rank.png"),
+                                              title=f"Effective rank: {run.name} ({run.objective})")
+    if out_of_span and groups.mask_subspace:
+      result["mask_out_of_span"] = _out_of_span(corpus, groups.mask_subspace, energy, center)
+  if "per_sequence" in modes:
+    seq_results = per_seq.results()
+    result["per_sequence"] = _rank_table(seq_results)
+    pngs["per_sequence"] = plots.plot_rank_vs_layer(
+        seq_results, os.path.join(out_dir, "effective_rank_per_sequence.png"),
+        title=f"Per-sequence effective rank (mean): {run.name} ({run.objective})")
+  result["plots"] = pngs
+  run_store.write_json(os.path.join(out_dir, "effective_rank.json"), result)
+  return result
+
+
+def corpus_key(centered: bool) -> str:
+  """Key of the corpus-mode table at the centring that was NOT requested: 'corpus_centred' / 'corpus_uncentred'."""
+  return "corpus_centred" if centered else "corpus_uncentred"
+
+
+def corpus_table(result: dict, centered: bool) -> dict:
+  """An effective_rank result's corpus table at the given centring, whichever was requested."""
+  return result["corpus"] if result["settings"]["centered"] == centered else result[corpus_key(centered)]
+
+
+def _out_of_span(corpus: RankCollector, groups: tuple[str, str, str], energy: float, center: bool) -> dict[str, list]:
+  """Per layer: energy fraction of the [MASK] states outside the clean-real rank_eps basis, and angles.
+  groups: (clean real, [MASK], masked real), as `mask_subspace_diagnostics` takes them."""
+  clean_real, mask, masked_real = groups
+  acc = corpus.accumulators
+  layers = sorted(layer for group, layer in acc if group == mask)
+  out = {"layer": [], "mask_out_of_span_energy": [], "real_rank": [], "mean_principal_angle_deg": []}
+  for layer in layers:
+    diag = mask_subspace_diagnostics(acc[(clean_real, layer)], acc[(mask, layer)], acc[(masked_real, layer)],
+                                     energy, center)
+    out["layer"].append(layer)
+    out["mask_out_of_span_energy"].append(diag["mask_out_of_span_energy"])
+    out["real_rank"].append(diag["real_rank"])
+    angles = diag["principal_angles_masked_real_vs_mask"]
+    out["mean_principal_angle_deg"].append(float(np.degrees(angles).mean()) if angles.size else float("nan"))
   return out

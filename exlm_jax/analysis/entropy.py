@@ -1,6 +1,8 @@
-"""Predictive entropy (nats) of masked-token distributions (ExLM reference §8.2).
+"""Predictive entropy (nats) of masked-token distributions, and the `entropy` tool.
 
-H(P) = -sum_y P(y) log P(y). MLM: averaged over masked positions. ExLM, three views of one batch:
+H(P) = -sum_y P(y) log P(y). An objective with a prediction rule (MLM, MAE-LM): the rule's distribution
+averaged over masked positions ('masked'). An objective whose targets are emitted by DAG-aligned states
+(ExLM, `Objective.dag`), three views of one batch:
   * per expanded state: H(P_u) averaged over the valid DAG states u;
   * Viterbi path: H(P_u) averaged over the states the best path visits (`path[b, u] >= 0`, the
     target index state u emits, -1 when skipped, as `dag_best_path` returns);
@@ -13,9 +15,18 @@ with jax.numpy, so they can run inside `jax.jit` on the device; float64 there ne
 
 from __future__ import annotations
 
+import math
+import os
+from collections.abc import Sequence
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from exlm_jax import run_store
+from exlm_jax.analysis import inputs
+from exlm_jax.data import vocab
+from exlm_jax.objectives import base
 
 
 def _xp(x):
@@ -131,3 +142,106 @@ class MeanAccumulator:
   @property
   def mean(self) -> float:
     return self.total / self.count if self.count else float("nan")
+
+
+# ----------------------------------------------------------------------------------------------
+# The tool
+# ----------------------------------------------------------------------------------------------
+
+
+def per_token_variant(objective: base.Objective) -> str:
+  """The variant that is one predictive distribution per masked token: the posterior mixture of a DAG
+  objective's states, else the prediction rule's distribution."""
+  return "mixture" if objective.dag is not None else "masked"
+
+
+def masked_target_sums(alignment: base.Alignment) -> dict:
+  """`exlm_entropy_sums` restricted to the masked targets (not <s>, </s>): their states, the path's visits to
+  them, and the mixture per masked target of the rows that have a path."""
+  a = alignment
+  state_valid = a.state_valid & jnp.take_along_axis(a.target_masked, a.state_group, axis=1)
+  on_masked = jnp.take_along_axis(a.target_masked, jnp.maximum(a.path, 0), axis=1)
+  path = jnp.where((a.path >= 0) & on_masked, a.path, -1)
+  target_valid = a.target_masked & jnp.isfinite(a.score)[:, None]
+  return exlm_entropy_sums(a.state_logits, state_valid, path, a.posteriors, target_valid)
+
+
+def _masked_sums_fn(run: inputs.Run):
+  """fn(tokens (B, n), selection) -> {'masked': (sum, count)}: H of the prediction rule's distribution at the
+  masked slots (MAE-LM: [MASK] slots removed from the encoder, room for every kept token)."""
+  log_probs = base.masked_log_probs_fn(run.config)
+
+  def build():
+    return jax.jit(lambda params, tokens, is_masked, indices: entropy_from_logits(
+        log_probs(params, jnp.where(is_masked, vocab.MASK, tokens), indices)))
+
+  jitted = inputs.cached(run, "masked_entropy", build)
+
+  def sums(tokens, selection):
+    values = jax.device_get(jitted(run.params, tokens, selection.is_masked, selection.indices))
+    return {"masked": masked_sum_count(np.asarray(values, np.float64), selection.valid)}
+
+  return sums
+
+
+def _state_sums_fn(run: inputs.Run, mask_ratio: float, seq_len: int):
+  """(fn(tokens, selection) -> {'state' | 'path' | 'mixture': (sum, count)} over the masked targets, the block
+  length n' <= seq_len the model can align at `mask_ratio`)."""
+  dag = run.spec.dag
+  model = run.model(mask_prob=float(mask_ratio))
+
+  def body(m, tokens, is_masked):
+    sums = masked_target_sums(dag.align(m, tokens, is_masked))
+    return {name: (jnp.asarray(s, jnp.float32), jnp.asarray(c, jnp.float32)) for name, (s, c) in sums.items()}
+
+  jitted = inputs.cached(run, "state_entropy", lambda: jax.jit(
+      lambda params, t, mk: model.apply({"params": params}, t, mk, method=body)), float(mask_ratio))
+  return (lambda tokens, selection: jax.device_get(jitted(run.params, tokens, selection.is_masked)),
+          dag.block_length(model, mask_ratio, seq_len))
+
+
+def analyse(workdir, data: str, out_dir: str, mask_ratios: Sequence[float] = inputs.DEFAULT_MASK_RATIOS,
+            max_sequences: int = 512, batch_size: int = 32, seed: int = 0,
+            blocks: np.ndarray | None = None) -> dict:
+  """Mean predictive entropy (nats) at masked positions per mask ratio; writes entropy.json / entropy.png.
+
+  Prediction rule: 'masked'. DAG states, over the [MASK] groups only: 'state' (every expanded state), 'path'
+  (states on the Viterbi path), 'mixture' (the posterior-weighted emission mixture per masked target); the
+  blocks are shortened where a ratio would expand them past what the model can align (`block_len` per ratio).
+  """
+  from exlm_jax.analysis import plots  # pylint: disable=g-import-not-at-top  (matplotlib)
+  run = inputs.as_run(workdir)
+  if run.spec.dag is None and run.spec.masked_log_probs is None:
+    raise ValueError(f"entropy does not know objective {run.objective!r} (it has no prediction rule and no DAG)")
+  blocks = inputs.load_data_blocks(data, run, max_sequences) if blocks is None else blocks
+  series: dict[str, list[float]] = {}
+  counts: dict[str, list[int]] = {}
+  block_lens = []
+  masked_sums = _masked_sums_fn(run) if run.spec.dag is None else None
+  for ratio in mask_ratios:
+    if not 0.0 < ratio < 1.0:
+      raise ValueError(f"mask ratio {ratio} must be in (0, 1)")
+    accs: dict[str, MeanAccumulator] = {}
+    sums_fn, length = ((masked_sums, blocks.shape[1]) if masked_sums is not None
+                       else _state_sums_fn(run, ratio, blocks.shape[1]))
+    ratio_blocks = inputs.shorten_blocks(blocks, length)
+    block_lens.append(int(ratio_blocks.shape[1]))
+    for index, tokens in inputs.batches(ratio_blocks, batch_size):
+      for name, (s, c) in sums_fn(tokens, inputs.select_masks(tokens, ratio, seed, index)).items():
+        accs.setdefault(name, MeanAccumulator()).add(s, c)
+    for name, acc in accs.items():
+      series.setdefault(name, []).append(acc.mean)
+      counts.setdefault(name, []).append(acc.count)
+  vocab_size = int(run.config.model.vocab_size)
+  result = {
+      "tool": "entropy", "workdir": run.workdir, "objective": run.objective, "step": run.step, "data": data,
+      "num_sequences": int(len(blocks)), "seed": seed, "units": "nats", "log_vocab": math.log(vocab_size),
+      "train_mask_prob": float(run.config.mask_prob), "mask_ratios": [float(r) for r in mask_ratios],
+      "block_len": block_lens, "entropy": series, "count": counts,
+  }
+  label = lambda name: f"{run.name} ({name})"  # noqa: E731
+  result["plots"] = {"entropy": plots.plot_entropy_vs_mask_ratio(
+      {label(name): (list(mask_ratios), values) for name, values in series.items()},
+      os.path.join(out_dir, "entropy.png"), vocab_size=vocab_size)}
+  run_store.write_json(os.path.join(out_dir, "entropy.json"), result)
+  return result

@@ -1,4 +1,4 @@
-"""The Repeated-MLM pilot (ExLM reference §8.1): repeat every token k times, then mask each slot w.p. p.
+"""The Repeated-MLM pilot: repeat every token k times, then mask each slot w.p. p; the `repeated_mlm` tool.
 
 The unreal-token ratio (fraction of content slots that are [MASK]) is then p and the
 corrupted-semantics ratio (fraction of original tokens whose k copies are all masked) is p^k,
@@ -24,12 +24,16 @@ JAX inside the jitted step; config configs/repeated_mlm_smiles_small.py).
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Iterable, Sequence
 from typing import NamedTuple
 
 import numpy as np
 
+from exlm_jax import run_store
+from exlm_jax.analysis import inputs
 from exlm_jax.data import vocab
+from exlm_jax.objectives.repeated_mlm import repeated_length
 
 
 class RepeatedSample(NamedTuple):
@@ -220,3 +224,43 @@ def pk_grid(*, unreal: float | None = None, corrupted: float | None = None,
     k = max(1, round(solve_k(target, unreal)))
     points.append(GridPoint(unreal, k, unreal, unreal**k, target))
   return points
+
+
+# ----------------------------------------------------------------------------------------------
+# The tool
+# ----------------------------------------------------------------------------------------------
+
+
+def analyse(workdir, data: str, out_dir: str, fixed: str = "corrupted", ratio: float = 0.15,
+            ks: Sequence[int] = (1, 2, 3, 4, 6, 8), max_sequences: int = 512, seed: int = 0) -> dict:
+  """Applies "repeat x k, then Bernoulli(p) mask" to `data` over a (p, k) grid holding one ratio fixed.
+
+  fixed='corrupted': p = ratio^(1/k) (corrupted-semantics ratio fixed, unreal ratio varies);
+  fixed='unreal': p = ratio (unreal ratio fixed, corrupted = p^k varies). `data` is read with the
+  workdir's tokenizer, data kind and seq_len; blocks grow to 2 + k (n - 2) slots, so nothing is
+  truncated. Writes repeated_mlm.json / repeated_mlm.png.
+  """
+  from exlm_jax.analysis import plots  # pylint: disable=g-import-not-at-top  (matplotlib)
+  if fixed not in ("corrupted", "unreal"):
+    raise ValueError(f"fixed={fixed!r}; use 'corrupted' or 'unreal'")
+  run = inputs.as_run(workdir)
+  blocks = inputs.load_data_blocks(data, run, max_sequences)
+  grid = pk_grid(corrupted=ratio, ks=ks) if fixed == "corrupted" else pk_grid(unreal=ratio, ks=ks)
+  rng = np.random.default_rng(seed)
+  points = []
+  for point in grid:
+    length = repeated_length(blocks.shape[1], point.k)
+    sample = repeat_and_mask_batch(blocks, point.k, point.p, rng, length)
+    points.append({
+        "k": int(point.k), "p": float(point.p), "expected_unreal_ratio": float(point.unreal_ratio),
+        "expected_corrupted_ratio": float(point.corrupted_ratio),
+        "measured_unreal_ratio": unreal_token_ratio(sample),
+        "measured_corrupted_ratio": corrupted_semantics_ratio(sample),
+        "content_slots": int(sample.content.sum()), "source_tokens": int(sample.source_content.sum()),
+        "repeated_len": int(length)})
+  result = {"tool": "repeated_mlm", "workdir": run.workdir, "data": data, "fixed": fixed, "ratio": ratio, "seed": seed,
+            "num_sequences": int(len(blocks)), "points": points}
+  result["plots"] = {"repeated_mlm": plots.plot_repeated_mlm(
+      points, os.path.join(out_dir, "repeated_mlm.png"), f"Repeated-MLM grid, {fixed} ratio fixed at {ratio:g}")}
+  run_store.write_json(os.path.join(out_dir, "repeated_mlm.json"), result)
+  return result

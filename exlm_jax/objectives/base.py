@@ -6,15 +6,17 @@ An objective builds a Linen model whose `__call__(tokens, mask_rng)` takes a bat
   * loss_sum: scalar float32, the objective summed over the batch (e.g. CE summed over masked tokens);
   * weight: scalar float32, what the loss is normalised by over the GLOBAL batch (e.g. number of
     masked tokens; number of examples for ExLM). The trainer divides sum by weight only after
-    summing both over micro-batches and devices, so normalisation is global (maelm-reference §10.9);
+    summing both over micro-batches and devices, so normalisation is global;
   * metrics: dict name -> (sum, count) float32 pairs, reported as sum / count.
-The trainer knows nothing else about an objective.
+The trainer knows nothing else about an objective. Everything else objective-specific -- its FLOPs model,
+the rule behind `exlm_jax.load(...).predict_masked`, what the analyses measure on it -- is a field of its
+`Objective`; an objective without a feature leaves the field None and callers say so in one line.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from typing import Any, Callable, Mapping, NamedTuple
 
 import flax
 import flax.linen as nn
@@ -25,28 +27,99 @@ import numpy as np
 
 from exlm_jax.data import vocab
 from exlm_jax.models.encoder import Encoder, ModelConfig
+from exlm_jax.models.flops import Breakdown
 
 _REGISTRY: dict[str, "Objective"] = {}
+
+
+class Alignment(NamedTuple):
+  """One batch aligned by a DAG objective: B rows, S states, G targets, V vocabulary (see DagAnalysis)."""
+
+  state_logits: jax.Array  # (B, S, V) emission logits of the states
+  state_valid: jax.Array  # (B, S) bool
+  state_group: jax.Array  # (B, S) int32 the target group a state belongs to
+  state_copy: jax.Array  # (B, S) int32 its copy index 1..k inside the group
+  state_slot: jax.Array  # (B, S) int32 the input slot (original position) the state stands for
+  state_token: jax.Array  # (B, S) int32 the input token there ([MASK] for masked groups)
+  targets: jax.Array  # (B, G) int32 target tokens in order
+  target_valid: jax.Array  # (B, G) bool
+  target_masked: jax.Array  # (B, G) bool targets that are masked tokens (not <s>, </s>)
+  emit_logp: jax.Array  # (B, G, S) log P_u(y_i)
+  transitions: jax.Array  # (B, S, S) log transition probabilities
+  path: jax.Array  # (B, S) int32 target each state emits on the Viterbi path, -1 when skipped
+  posteriors: jax.Array  # (B, G, S) posterior that state u emits target i (normalised over u)
+  score: jax.Array  # (B,) Viterbi log-score; -inf for an empty row
+  num_targets: jax.Array  # (B,) int32
+  num_states: jax.Array  # (B,) int32
+
+
+@dataclasses.dataclass(frozen=True)
+class RankGroups:
+  """The token groups `effective_rank` measures on an objective's encoder (exlm_jax/analysis/effective_rank.py).
+
+  collect: (hidden_states, tokens (B, n) int numpy, selection) -> {group: (states, rows)}: `selection` is the
+    pretraining mask rule at the run's mask_prob (a MaskSelection of numpy arrays), `hidden_states(tokens,
+    positions | None, padding)` returns the encoder's L + 1 hidden states (numpy (B, n', D) each), `states` is
+    such a tuple and `rows` (B, n') bool the token states of the group.
+  headline: report column -> group: 'clean_input' (real tokens on the clean input), optionally 'masked_input'.
+  mask_subspace: (clean real, [MASK], masked real) groups of the [MASK]-subspace diagnostic; None when the
+    encoder never sees [MASK].
+  """
+
+  collect: Callable[[Callable, np.ndarray, Any], dict]
+  headline: Mapping[str, str]
+  mask_subspace: tuple[str, str, str] | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class DagAnalysis:
+  """An objective whose targets are emitted by states aligned through a DAG: entropy per state / on the
+  Viterbi path / of the posterior mixture, and dag_view.
+
+  align: Linen method body (model, tokens (B, n), is_masked (B, n)) -> Alignment, for a fixed mask.
+  block_length: (model, mask_ratio, seq_len) -> the longest block n' <= seq_len the model can align at
+    mask_ratio (ValueError when none can).
+  """
+
+  align: Callable[[nn.Module, jax.Array, jax.Array], Alignment]
+  block_length: Callable[[nn.Module, float, int], int]
 
 
 @dataclasses.dataclass(frozen=True)
 class Objective:
   """A pretraining objective.
 
-  name: registry key, the value of `config.objective`.
+  name: registry key, the value of `config.objective`; its options live in `config.<name>`.
+  title: how text names it ('ExLM').
   make_model: (config, deterministic) -> Linen module with `__call__(tokens, mask_rng)` as above.
   encoder_params: params -> the encoder sub-tree fine-tuning loads (fails loudly on missing keys).
   validate: config -> None, raises ValueError with a one-line message on a bad objective config.
+  default_config: (**overrides) -> the `config.<name>` block with every option at its default; None = no block.
+  copies_option: the option of that block holding the copies per token k (bench --k); None = no such option.
+  flops: (config, include_remat) -> training FLOPs of ONE sequence by component; None = no FLOPs model.
+  masked_log_probs: (**options) -> method body (model, token_ids (B, L) with [MASK] at the slots to fill,
+    mask_slots (B, P)) -> (B, P, V) logits of the fillers (`masked_log_probs_fn`); None = no prediction rule.
+  rank_groups: what effective_rank measures; None = not supported.
+  dag: the DAG analyses; None = the objective has no aligned states.
   """
 
   name: str
   make_model: Callable[[ml_collections.ConfigDict, bool], nn.Module]
   encoder_params: Callable[[Any], Any] = None
   validate: Callable[[ml_collections.ConfigDict], None] = lambda config: None
+  title: str = ""
+  default_config: Callable[..., ml_collections.ConfigDict] | None = None
+  copies_option: str | None = None
+  flops: Callable[[ml_collections.ConfigDict, bool], Breakdown] | None = None
+  masked_log_probs: Callable[..., Callable] | None = None
+  rank_groups: RankGroups | None = None
+  dag: DagAnalysis | None = None
 
   def __post_init__(self):
     if self.encoder_params is None:
       object.__setattr__(self, "encoder_params", encoder_subtree)
+    if not self.title:
+      object.__setattr__(self, "title", self.name)
 
 
 def register(objective: Objective) -> Objective:
@@ -113,3 +186,30 @@ def apply_loss(objective: Objective, config, params, tokens: jax.Array, rng: jax
   model = objective.make_model(config, not train)
   loss_sum, weight, metrics = model.apply({"params": params}, tokens, mask_rng, rngs={"dropout": dropout_rng})
   return loss_sum, (weight, metrics)
+
+
+def masked_log_probs_fn(config: ml_collections.ConfigDict, **options):
+  """fn(params, token_ids (B, L), mask_slots (B, P)) -> (B, P, V) float32 log-probabilities of the fillers.
+
+  token_ids carry vocab.MASK at the slots to fill; mask_slots lists them (pad with 0, ignored by the
+  caller). The prediction rule is `config.objective`'s `masked_log_probs(**options)`.
+  """
+  objective = get(config.objective)
+  if objective.masked_log_probs is None:
+    raise ValueError(f"objective {objective.name!r} has no prediction rule for masked tokens (predict_masked)")
+  try:
+    body = objective.masked_log_probs(**options)
+  except TypeError as e:
+    raise ValueError(f"prediction options {options} do not fit objective {objective.name!r}: {e}") from None
+  module = objective.make_model(config, True)
+
+  def masked_logits_fn(params, token_ids, mask_slots):
+    out = module.apply({"params": params}, token_ids, mask_slots, method=body)
+    return jax.nn.log_softmax(out.astype(jnp.float32), axis=-1)
+
+  return masked_logits_fn
+
+
+def content_slots(tokens) -> np.ndarray:
+  """(B, n) bool numpy: slots holding content tokens (not <s>, </s>, <pad>), e.g. for the analyses' rows."""
+  return ~np.isin(np.asarray(tokens), vocab.UNMASKABLE)

@@ -28,8 +28,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
 from exlm_jax.data import vocab
+from exlm_jax.models import flops
 from exlm_jax.models.encoder import Encoder, ModelConfig, _dense, bert_init
 from exlm_jax.models.heads import LMHead
 from exlm_jax.objectives import base, dag
@@ -39,6 +41,7 @@ Array = jax.Array
 
 TRANSITIONS = ("dag", "ctc")
 POSITIONS = ("rope2d", "rope1d_shared")
+PREDICT_COPIES = ("mixture", "first")  # predict_masked: the mixture of a [MASK]'s k copies, or its first copy
 CTC_BLANK = vocab.UNK  # the official CTC variant's blank is <unk>
 
 
@@ -322,6 +325,32 @@ class ExLMModel(nn.Module):
     path = jnp.where(ex.vertex_valid, path, -1)
     return out, jnp.where(ex.num_targets > 0, score, -jnp.inf), path
 
+  def alignment(self, tokens: Array, is_masked: Array) -> base.Alignment:
+    """The analyses' view of one fixed mask ("dag" only): Viterbi path and posteriors gamma_i(u) (the
+    gradient of the total log-likelihood with respect to the emissions) over the k copies of every group."""
+    out, score, path = self.best_alignment(tokens, is_masked)
+    ex = out.expansion
+    num_targets = jnp.maximum(ex.num_targets, 1)
+    num_vertices = jnp.where(ex.num_targets > 0, ex.num_vertices, 1)
+
+    def total_ll(emit):
+      ll = dag.dag_log_likelihood(emit, out.trans_logp, num_targets, num_vertices)
+      return jnp.sum(jnp.where(jnp.isfinite(ll), ll, 0.0))
+
+    k, size = self.num_copies, ex.vertex_slot.shape[1]
+    at_vertices = lambda a: jnp.take_along_axis(a, ex.vertex_slot, axis=1)  # noqa: E731
+    target_index = jnp.arange(ex.targets.shape[1])[None, :]
+    return base.Alignment(
+        state_logits=out.logits, state_valid=ex.vertex_valid,
+        state_group=jnp.broadcast_to(jnp.arange(size) // k, ex.vertex_slot.shape).astype(jnp.int32),
+        state_copy=jnp.broadcast_to(jnp.arange(size) % k + 1, ex.vertex_slot.shape).astype(jnp.int32),
+        state_slot=at_vertices(ex.positions), state_token=at_vertices(ex.tokens),
+        targets=ex.targets, target_valid=ex.target_valid,
+        target_masked=ex.target_valid & (target_index >= 1) & (target_index < ex.num_targets[:, None] - 1),
+        emit_logp=out.emit_logp, transitions=out.trans_logp, path=path,
+        posteriors=jax.grad(total_ll)(out.emit_logp), score=score, num_targets=ex.num_targets,
+        num_states=ex.num_vertices)
+
   def __call__(self, tokens: Array, mask_rng: Array):
     selection = select_masked_positions(tokens, mask_rng, self.mask_prob)
     out = self.forward(tokens, selection.is_masked)
@@ -428,5 +457,79 @@ def encoder_params(params, config: ml_collections.ConfigDict | None = None):
   return tree
 
 
+# ----------------------------------------------------------------------------------------------
+# Prediction, FLOPs, analyses
+# ----------------------------------------------------------------------------------------------
+
+
+def masked_log_probs(copies: str = "mixture"):
+  """predict_masked's rule: every [MASK] (and <s>, the final </s>) expanded into k copies with copy index
+  1..k, the LM head at the copies; per [MASK] the uniform mixture of its k copies' distributions
+  (copies='mixture') or the first copy's (copies='first')."""
+  if copies not in PREDICT_COPIES:
+    raise ValueError(f"copies={copies!r}; choose one of {PREDICT_COPIES}")
+
+  def body(m: ExLMModel, tokens, slots):
+    batch, num_slots = slots.shape
+    _, _, _, logits = m.expanded_logits(tokens, tokens == vocab.MASK, num_slots + 2)  # (B, k G, V)
+    logp = jax.nn.log_softmax(logits.reshape(batch, num_slots + 2, m.num_copies, -1)[:, 1:-1], axis=-1)  # masks only
+    if copies == "first":
+      return logp[:, :, 0]
+    return jax.nn.logsumexp(logp, axis=2) - math.log(m.num_copies)
+
+  return body
+
+
+def transition_head_forward(num_vertices: int, d_model: int, num_heads: int) -> float:
+  """Forward FLOPs of the link head on S vertices: Q, K (2D -> D), gate (2D -> H), S^2 D scores."""
+  projections = 2 * (2 * d_model) * (2 * d_model + num_heads)
+  return float(num_vertices * projections + 2 * num_vertices**2 * d_model)
+
+
+def dag_train(num_targets: int, num_vertices: int) -> float:
+  """FLOPs of the DAG forward + custom backward on one example (elementwise, ~4 + 8 per S^2 cell per
+  target step: add, max, exp, sum forward; add, add, exp, sum, scale, accumulate backward)."""
+  return float(12 * max(num_targets - 1, 0) * num_vertices**2)
+
+
+def train_flops(config: ml_collections.ConfigDict, include_remat: bool) -> flops.Breakdown:
+  """One sequence: the encoder on L_max expanded slots, the LM head at the S_max = k G_max vertices, and
+  with transitions='dag' the link head on them plus the DAG dynamic programme (elementwise, quadratic in S)."""
+  m, n = config.model, config.seq_len
+  opts = options(config)
+  k = int(opts.num_copies)
+  groups = max_groups(config.mask_prob, n)
+  length = max_expanded_length(config.mask_prob, n, k)
+  vertices = k * groups
+  with_dag = opts.transitions == "dag"
+  return flops.Breakdown(
+      encoder=flops.model_encoder_train(m, length, include_remat),
+      lm_head=3 * flops.lm_head_forward(vertices, m.d_model, m.vocab_size),
+      transition_head=3 * transition_head_forward(vertices, m.d_model, m.num_heads) if with_dag else 0.0,
+      dag=dag_train(groups, vertices) if with_dag else 0.0,
+      shapes=(("seq_len", n), ("expanded_len", length), ("groups_max", groups), ("vertices_max", vertices)))
+
+
+def rank_groups(hidden_states, tokens: np.ndarray, selection) -> dict:  # pylint: disable=unused-argument
+  """effective_rank's group: 'encoder_clean/real', the encoder on the clean input with copy index 0 (no
+  expansion), as fine-tuning runs it."""
+  return {"encoder_clean/real": (hidden_states(tokens, None, tokens == vocab.PAD), base.content_slots(tokens))}
+
+
+def analysis_block_length(model: ExLMModel, mask_ratio: float, seq_len: int) -> int:
+  """Longest block n' <= seq_len whose expanded length at `mask_ratio` fits the link head's slot table
+  (sized for the training mask_prob)."""
+  if model.transitions != "dag":
+    return seq_len
+  for n in range(seq_len, 3, -1):
+    if max_expanded_length(mask_ratio, n, model.num_copies) <= model.max_link_positions:
+      return n
+  raise ValueError(f"mask ratio {mask_ratio} expands even a 4-slot block past the link table "
+                   f"({model.max_link_positions}); use a lower --mask_ratios")
+
+
 OBJECTIVE = base.register(base.Objective(
-    name="exlm", make_model=make_model, encoder_params=encoder_params, validate=validate))
+    name="exlm", title="ExLM", make_model=make_model, encoder_params=encoder_params, validate=validate,
+    default_config=default_config, copies_option="num_copies", flops=train_flops,
+    masked_log_probs=masked_log_probs, rank_groups=base.RankGroups(rank_groups, {"clean_input": "encoder_clean/real"}),
+    dag=base.DagAnalysis(align=ExLMModel.alignment, block_length=analysis_block_length)))

@@ -29,11 +29,12 @@ import ml_collections
 import numpy as np
 
 from exlm_jax.data import vocab
+from exlm_jax.models import flops
 from exlm_jax.models.encoder import (Encoder, ModelConfig, TransformerStack, _dense, _layernorm, attend, bert_init,
                                      relative_position_buckets)
 from exlm_jax.models.heads import LMHead
 from exlm_jax.objectives import base
-from exlm_jax.objectives.masking import select_masked_positions
+from exlm_jax.objectives.masking import max_masked, select_masked_positions
 from exlm_jax.objectives.mlm import masked_token_metrics
 
 
@@ -341,5 +342,48 @@ def encoder_params(params, config: ml_collections.ConfigDict | None = None):
   return tree
 
 
-OBJECTIVE = base.register(base.Objective(name="maelm", make_model=make_model, encoder_params=encoder_params,
-                                         validate=validate))
+# ----------------------------------------------------------------------------------------------
+# Prediction, FLOPs, analyses
+# ----------------------------------------------------------------------------------------------
+
+
+def masked_log_probs():
+  """predict_masked's rule: [MASK] slots removed from the encoder (kept tokens keep their original
+  positions), the decoder on the full block with the [MASK] embedding there, the LM head at the slots."""
+  return MAELMModel.predict
+
+
+def train_flops(config: ml_collections.ConfigDict, include_remat: bool) -> flops.Breakdown:
+  """One sequence: the encoder on the K_max kept slots (n with mask_in_encoder), the decoder (its own depth and
+  width, post-LN, the encoder's remat) on n slots, the LM head at the M_max masked positions."""
+  m, n = config.model, config.seq_len
+  knobs = _knobs(config)
+  dec = decoder_config(base.model_config(config), knobs)
+  m_max = max_masked(config.mask_prob, n)
+  k_max = n if knobs.mask_in_encoder else max_kept(config.mask_prob, n)
+  decoder = flops.encoder_train(n, dec.num_layers, dec.d_model, dec.mlp_dim, m.get("remat", "none"), include_remat,
+                                False)
+  if dec.d_model != m.d_model:
+    decoder += 3 * 2 * n * m.d_model * dec.d_model  # Linear(C_enc -> C_dec) on the decoder input
+  return flops.Breakdown(
+      encoder=flops.model_encoder_train(m, k_max, include_remat),
+      decoder=decoder,
+      lm_head=3 * flops.lm_head_forward(m_max, dec.d_model, m.vocab_size,
+                                        None if dec.d_model == m.d_model else m.d_model),
+      shapes=(("seq_len", n), ("kept_max", k_max), ("masked_max", m_max)))
+
+
+def rank_groups(hidden_states, tokens: np.ndarray, selection) -> dict:
+  """effective_rank's groups: 'encoder_clean/real' the encoder on the clean input (group 4),
+  'encoder_compact/real' on the compacted masked input with original positions, as seen in pretraining."""
+  clean = hidden_states(tokens, None, tokens == vocab.PAD)
+  view = jax.device_get(compact_kept(jnp.asarray(tokens), jnp.asarray(selection.is_masked), tokens.shape[1]))
+  compact = hidden_states(view.tokens, view.positions, view.padding)
+  return {"encoder_clean/real": (clean, base.content_slots(tokens)),
+          "encoder_compact/real": (compact, base.content_slots(view.tokens))}
+
+
+OBJECTIVE = base.register(base.Objective(
+    name="maelm", title="MAE-LM", make_model=make_model, encoder_params=encoder_params, validate=validate,
+    default_config=default_config, flops=train_flops, masked_log_probs=masked_log_probs,
+    rank_groups=base.RankGroups(rank_groups, headline={"clean_input": "encoder_clean/real"})))

@@ -18,12 +18,14 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
 from exlm_jax.data import vocab
+from exlm_jax.models import flops
 from exlm_jax.models.encoder import Encoder, ModelConfig
 from exlm_jax.models.heads import LMHead
 from exlm_jax.objectives import base
-from exlm_jax.objectives.masking import MaskSelection, select_masked_positions
+from exlm_jax.objectives.masking import MaskSelection, max_masked, select_masked_positions
 from exlm_jax.objectives.segments import split_batch
 
 
@@ -99,4 +101,36 @@ def make_model(config: ml_collections.ConfigDict, deterministic: bool) -> MLMMod
                   bool(config.get("mlm", {}).get("bert_corruption", False)), deterministic)
 
 
-OBJECTIVE = base.register(base.Objective(name="mlm", make_model=make_model))
+def masked_log_probs():
+  """predict_masked's rule: the LM head at the [MASK] slots of the input, as in training (MLMModel.predict)."""
+  return MLMModel.predict
+
+
+def train_flops(config: ml_collections.ConfigDict, include_remat: bool) -> flops.Breakdown:
+  """One sequence: the encoder on n slots, the LM head at the M_max masked positions."""
+  m, n = config.model, config.seq_len
+  m_max = max_masked(config.mask_prob, n)
+  return flops.Breakdown(
+      encoder=flops.model_encoder_train(m, n, include_remat),
+      lm_head=3 * flops.lm_head_forward(m_max, m.d_model, m.vocab_size),
+      shapes=(("seq_len", n), ("masked_max", m_max)))
+
+
+def rank_groups(hidden_states, tokens: np.ndarray, selection) -> dict:
+  """effective_rank's groups (real = content tokens): 'masked_input/real' the real unmasked tokens of the
+  masked input (group 1), 'clean_input/real' the same positions on the clean input (group 2),
+  'masked_input/mask' the [MASK] states (group 3)."""
+  padding = tokens == vocab.PAD
+  masked = np.asarray(selection.is_masked)
+  kept = base.content_slots(tokens) & ~masked
+  clean_states = hidden_states(tokens, None, padding)
+  masked_states = hidden_states(np.where(masked, vocab.MASK, tokens), None, padding)
+  return {"masked_input/real": (masked_states, kept), "clean_input/real": (clean_states, kept),
+          "masked_input/mask": (masked_states, masked)}
+
+
+OBJECTIVE = base.register(base.Objective(
+    name="mlm", title="MLM", make_model=make_model, flops=train_flops, masked_log_probs=masked_log_probs,
+    rank_groups=base.RankGroups(
+        rank_groups, headline={"clean_input": "clean_input/real", "masked_input": "masked_input/real"},
+        mask_subspace=("clean_input/real", "masked_input/mask", "masked_input/real"))))

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from exlm_jax.data import vocab
+from exlm_jax.models import flops
 from exlm_jax.models.encoder import Encoder, ModelConfig
 from exlm_jax.models.heads import LMHead
 from exlm_jax.objectives import base
@@ -129,4 +130,19 @@ def make_model(config: ml_collections.ConfigDict, deterministic: bool) -> Repeat
                           deterministic)
 
 
-OBJECTIVE = base.register(base.Objective(name="repeated_mlm", make_model=make_model, validate=validate))
+def train_flops(config: ml_collections.ConfigDict, include_remat: bool) -> flops.Breakdown:
+  """One sequence: the encoder on the 2 + k (n - 2) repeated slots, the LM head at the Bernoulli bound of
+  predicted copies."""
+  m, n = config.model, config.seq_len
+  k = int(config.get("repeated_mlm", default_config()).num_copies)
+  length = repeated_length(n, k)
+  bound = bernoulli_bound(float(config.mask_prob), length - 2)
+  return flops.Breakdown(
+      encoder=flops.model_encoder_train(m, length, include_remat),
+      lm_head=3 * flops.lm_head_forward(bound, m.d_model, m.vocab_size),
+      shapes=(("seq_len", n), ("repeated_len", length), ("predicted_max", bound)))
+
+
+OBJECTIVE = base.register(base.Objective(
+    name="repeated_mlm", title="Repeated-MLM", make_model=make_model, validate=validate,
+    default_config=default_config, copies_option="num_copies", flops=train_flops))

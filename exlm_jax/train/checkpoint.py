@@ -11,6 +11,7 @@ processes, whose state is per-worker).
 
 Async saves: an error in a background save is raised at the next `save` (Orbax waits for the
 previous save first) or by `finish`; always call `finish(manager)` before the process exits.
+Reading a finished run back (params only, any path form) is exlm_jax/run_store.py's.
 """
 
 from __future__ import annotations
@@ -19,13 +20,14 @@ import contextlib
 import dataclasses
 import json
 import logging
-import os
 from typing import Any
 
 import grain
 import jax
 import orbax.checkpoint as ocp
 from etils import epath
+
+from exlm_jax.run_store import write_json  # noqa: F401  (the trainers' JSON writer: atomic, process 0 only)
 
 log = logging.getLogger(__name__)
 
@@ -155,37 +157,3 @@ def restore(manager: ocp.CheckpointManager, abstract_state, data_iter=None, step
       log.warning("checkpoint %d has no data-iterator state; the input pipeline restarts", step)
   restored = manager.restore(step, args=ocp.args.Composite(**items))
   return restored[STATE], step
-
-
-def latest_checkpoint_dir(path: str) -> epath.Path:
-  """The checkpoints/ folder of a workdir (or the folder itself); a clear error when there is none."""
-  path = epath.Path(path).absolute()
-  for directory in (path / "checkpoints", path):
-    if directory.is_dir() and any(p.name.isdigit() for p in directory.iterdir()):
-      return directory
-  raise FileNotFoundError(f"{path} holds no checkpoint: pass a workdir written by main.py or its "
-                          "checkpoints/ folder")
-
-
-def restore_params(path: str, sharding=None):
-  """(params, step) of the latest checkpoint under `path` (a workdir or its checkpoints/ folder).
-
-  Every array is placed with `sharding` (default: the first local device), whatever mesh wrote it.
-  """
-  manager = ocp.CheckpointManager(latest_checkpoint_dir(path),
-                                  item_handlers={STATE: ocp.StandardCheckpointHandler()})
-  step = manager.latest_step()
-  sharding = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  metadata = manager.item_metadata(step)[STATE]
-  target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding), metadata)
-  restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
-  manager.close()
-  return restored[STATE]["params"], step
-
-
-def write_json(path: str, payload) -> None:
-  if jax.process_index() != 0:
-    return
-  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-  with open(path, "w") as f:
-    json.dump(payload, f, indent=2, sort_keys=True, default=str)

@@ -1,0 +1,133 @@
+"""The `report` tool: effective_rank + entropy for several workdirs, combined plots and one Markdown comparison
+(report.md, its headline the two numbers the papers argue from)."""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+
+from exlm_jax import objectives, run_store
+from exlm_jax.analysis import effective_rank, entropy, inputs, plots
+
+
+def _fmt(x) -> str:
+  """A table cell: floats to 3 significant digits, None / NaN as 'nan'."""
+  if x is None or (isinstance(x, float) and math.isnan(x)):
+    return "nan"
+  return f"{x:.3g}" if isinstance(x, float) else str(x)
+
+
+def _unique_names(workdirs: Sequence[str]) -> list[str]:
+  names = []
+  for i, w in enumerate(workdirs):
+    name = os.path.basename(os.path.normpath(w)) or f"run{i}"
+    names.append(name if name not in names else f"{name}_{i}")
+  return names
+
+
+def headline(rank_result: dict, entropy_result: dict) -> dict:
+  """The two numbers the papers argue from, for one run: last-layer corpus rank of the real tokens on clean
+  input (MLM: also on the masked input; the objective's `rank_groups.headline`), uncentred and centred, and the
+  per-masked-token entropy per ratio."""
+  objective = objectives.get(rank_result["objective"])
+  variant = entropy.per_token_variant(objective)
+  out = {"objective": objective.name, "entropy_variant": variant, "mask_ratios": entropy_result["mask_ratios"],
+         "entropy": entropy_result["entropy"][variant]}
+  for name, group in objective.rank_groups.headline.items():
+    for centred, suffix in ((False, "uncentred"), (True, "centred")):
+      out[f"rank_last_layer/{name}/{suffix}"] = effective_rank.corpus_table(rank_result, centred)[group]["rank"][-1]
+  return out
+
+
+def analyse(workdirs: Sequence[str], data: str, out_dir: str, energy: float = 0.9, center: bool = False,
+            mask_ratios: Sequence[float] = inputs.DEFAULT_MASK_RATIOS, max_sequences: int = 512, batch_size: int = 32,
+            seed: int = 0) -> dict:
+  """effective_rank + entropy for every workdir into out_dir/<name>/, combined plots and report.md."""
+  if not workdirs:
+    raise ValueError("report needs at least one --workdirs entry")
+  names = _unique_names(workdirs)
+  ranks, entropies, runs = {}, {}, {}
+  for name, workdir in zip(names, workdirs):
+    run = inputs.load_run(workdir)
+    sub = os.path.join(out_dir, name)
+    blocks = inputs.load_data_blocks(data, run, max_sequences)
+    ranks[name] = effective_rank.analyse(run, data, sub, energy, center, modes=("corpus", "per_sequence"),
+                                         batch_size=batch_size, seed=seed, blocks=blocks)
+    entropies[name] = entropy.analyse(run, data, sub, mask_ratios, batch_size=batch_size, seed=seed, blocks=blocks)
+    runs[name] = run
+  combined_rank = {}
+  for name, res in ranks.items():
+    for group, row in res["corpus"].items():
+      for layer, rank, rows in zip(row["layer"], row["rank"], row["num_rows"]):
+        combined_rank[(f"{name}: {group}", layer)] = effective_rank.RankResult(
+            rank, energy, "squared", center, effective_rank.CORPUS, rows, res["d_model"])
+  dims = {res["d_model"] for res in ranks.values()}
+  rank_png = plots.plot_rank_vs_layer(combined_rank, os.path.join(out_dir, "effective_rank_all.png"),
+                                      title="Effective rank, all runs", show_dim=len(dims) == 1)
+  series = {f"{name}: {variant}": (res["mask_ratios"], values)
+            for name, res in entropies.items() for variant, values in res["entropy"].items()}
+  entropy_png = plots.plot_entropy_vs_mask_ratio(series, os.path.join(out_dir, "entropy_all.png"))
+  md = _report_markdown(names, runs, ranks, entropies, data, energy, center, rank_png, entropy_png, out_dir)
+  md_path = os.path.join(out_dir, "report.md")
+  with open(md_path, "w") as f:
+    f.write(md)
+  result = {"tool": "report", "workdirs": list(workdirs), "names": names, "data": data, "report": md_path,
+            "headline": {name: headline(ranks[name], entropies[name]) for name in names},
+            "effective_rank": ranks, "entropy": entropies,
+            "plots": {"effective_rank_all": rank_png, "entropy_all": entropy_png}}
+  run_store.write_json(os.path.join(out_dir, "report.json"), result)
+  return result
+
+
+def _report_markdown(names, runs, ranks, entropies, data, energy, center, rank_png, entropy_png, out_dir) -> str:
+  rel = lambda p: os.path.relpath(p, out_dir)  # noqa: E731
+  lines = ["# Analysis report", "", f"Data: `{data}`; effective rank at {energy:g} of the squared singular-value "
+           f"energy, {'centred' if center else 'uncentred'}; entropies in nats.", "",
+           "| run | objective | step | d_model | layers | sequences |", "|---|---|---|---|---|---|"]
+  for name in names:
+    cfg = runs[name].config
+    lines.append(f"| {name} | {cfg.objective} | {runs[name].step} | {cfg.model.d_model} | {cfg.model.num_layers} "
+                 f"| {ranks[name]['num_sequences']} |")
+  ratios = sorted({r for res in entropies.values() for r in res["mask_ratios"]})
+  lines += ["", "## Headline", "", "Last-layer corpus effective rank of real tokens on clean input (MLM: also on "
+            "the masked input, the paper's with-[MASK] group), uncentred / centred; entropy (nats) of the "
+            "predictive distribution per masked token (ExLM: posterior-weighted mixture) at each mask ratio.", "",
+            "| run | objective | rank, clean input | rank, MLM masked input | "
+            + " | ".join(f"H @ {r:g}" for r in ratios) + " |", "|---|---|---|---|" + "---|" * len(ratios)]
+  for name in names:
+    head = headline(ranks[name], entropies[name])
+    rank = lambda which: " / ".join(str(head.get(f"rank_last_layer/{which}/{c}", "-"))  # noqa: E731
+                                    for c in ("uncentred", "centred"))
+    by_ratio = dict(zip(head["mask_ratios"], head["entropy"]))
+    lines.append(f"| {name} | {head['objective']} | {rank('clean_input')} | {rank('masked_input')} | "
+                 + " | ".join(_fmt(by_ratio.get(r)) for r in ratios) + " |")
+  tables = (("corpus", f"Effective rank (corpus, {'centred' if center else 'uncentred'})"),
+            (effective_rank.corpus_key(not center), f"Effective rank (corpus, {'uncentred' if center else 'centred'})"),
+            ("per_sequence", f"Effective rank (per-sequence mean, {'centred' if center else 'uncentred'})"))
+  for mode, title in tables:
+    num_layers = max(len(row["layer"]) for res in ranks.values() for row in res[mode].values())
+    lines += ["", f"## {title}", "", "| run: group | " + " | ".join(f"L{i}" for i in range(num_layers)) + " |",
+              "|---|" + "---|" * num_layers]
+    for name in names:
+      for group, row in ranks[name][mode].items():
+        lines.append(f"| {name}: {group} | " + " | ".join(_fmt(float(r)) for r in row["rank"]) + " |")
+  span = {n: ranks[n]["mask_out_of_span"] for n in names if "mask_out_of_span" in ranks[n]}
+  if span:
+    lines += ["", "[MASK]-state energy outside the clean real-token rank_eps subspace, per layer:", ""]
+    for name, row in span.items():
+      lines.append(f"- {name}: " + ", ".join(f"L{l}: {_fmt(v)}" for l, v in
+                                             zip(row["layer"], row["mask_out_of_span_energy"])))
+  lines += ["", "## Entropy at masked positions", "", "| run: variant | " + " | ".join(f"{r:g}" for r in ratios)
+            + " |", "|---|" + "---|" * len(ratios)]
+  for name in names:
+    res = entropies[name]
+    for variant, values in res["entropy"].items():
+      by_ratio = dict(zip(res["mask_ratios"], values))
+      lines.append(f"| {name}: {variant} | " + " | ".join(_fmt(by_ratio.get(r)) for r in ratios) + " |")
+  lines += ["", "## Plots", "", "| effective rank | entropy |", "|---|---|",
+            f"| ![rank]({rel(rank_png)}) | ![entropy]({rel(entropy_png)}) |"]
+  for name in names:
+    lines.append(f"| ![{name} rank]({rel(ranks[name]['plots']['corpus'])}) | "
+                 f"![{name} entropy]({rel(entropies[name]['plots']['entropy'])}) |")
+  return "\n".join(lines) + "\n"
