@@ -112,8 +112,8 @@ def blocks_from_records(records: Sequence[str], run: Run, what: str = "--data") 
   with tempfile.TemporaryDirectory() as directory:
     pipeline.write_token_cache(list(records), run.tokenizer, directory, split, "records" if smiles else "stream")
     if smiles:
-      keep, _ = pipeline.smiles_keep(np.load(os.path.join(directory, f"{split}.offsets.npy")), seq_len, "truncate")
-      source = pipeline.SmilesBlocks(directory, split, seq_len, keep)
+      keep, _ = pipeline.records_keep(np.load(os.path.join(directory, f"{split}.offsets.npy")), seq_len, "truncate")
+      source = pipeline.RecordBlocks(directory, split, seq_len, keep)
     else:
       source = pipeline.TextBlocks(directory, split, seq_len)
     blocks = source.batch(np.arange(len(source)))
@@ -125,11 +125,11 @@ def blocks_from_records(records: Sequence[str], run: Run, what: str = "--data") 
 def load_data_blocks(path: str, run: Run, max_sequences: int = 512) -> np.ndarray:
   """Reads `path` (SMILES or text, any format the pipeline reads) into <= max_sequences (R, n) blocks with
   the run's tokenizer, data kind and seq_len, all-<pad> trailing columns removed (n <= seq_len)."""
-  from exlm_jax.data import builders  # pylint: disable=g-import-not-at-top
+  from exlm_jax.data import readers  # pylint: disable=g-import-not-at-top
   kind = run.config.data.name
-  local = builders.resolve_source(path, "--data")
+  local = readers.resolve_source(path, "--data")
   records = []
-  for record in builders.read_records(local, kind=kind, column=str(run.config.data.get("column", "")),
+  for record in readers.read_records(local, kind=kind, column=str(run.config.data.get("column", "")),
                                       documents=run.config.data.get("documents", "line")):
     if record:
       records.append(record)
