@@ -1,6 +1,8 @@
-"""Fine-tuning: masked multi-task BCE, end-to-end runs on real BBBP and SST-2 from tiny pretraining
-checkpoints (MLM on SMILES, MAE-LM on text), the encoder hand-off's loud failures, configs and sweeps."""
+"""Fine-tuning: masked multi-task BCE, the steps of the one trainer against a direct computation,
+end-to-end runs on real BBBP and SST-2 from tiny pretraining checkpoints (MLM on SMILES, MAE-LM on
+text), the encoder hand-off's loud failures, configs and sweeps."""
 
+import ast
 import importlib.util
 import json
 import logging
@@ -9,18 +11,25 @@ import pathlib
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
+import optax
 import pandas as pd
 import pytest
 
 import exlm_jax
+from exlm_jax import config_lib
 from exlm_jax.data import tokenizers, vocab
-from exlm_jax.finetune import loop
+from exlm_jax.finetune import config as ft_config
+from exlm_jax.finetune import data as ft_data
+from exlm_jax.finetune import handoff, loop
 from exlm_jax.finetune import model as model_lib
+from exlm_jax.finetune import results as ft_results
 from exlm_jax.finetune.encoding import encode_examples
 from exlm_jax.finetune.tasks import GLUE_TASKS, MOLECULENET
 from exlm_jax.models.encoder import ModelConfig
 from exlm_jax.objectives import exlm, maelm
+from exlm_jax.train import optim, partitioning, steps
 
 from test_api import make_pretraining_workdir  # pylint: disable=wrong-import-order
 
@@ -101,6 +110,83 @@ def test_other_losses_match_numpy():
 
 
 # ----------------------------------------------------------------------------------------------
+# The one trainer
+# ----------------------------------------------------------------------------------------------
+
+
+def _multitask_split(rows: int = 8, seq_len: int = 16, tasks: int = 3) -> ft_data.EncodedSplit:
+  rng = np.random.default_rng(3)
+  tokens = rng.integers(vocab.NUM_SPECIAL, 40, (rows, seq_len)).astype(np.int32)
+  tokens[:, 0], tokens[:, -1] = vocab.BOS, vocab.EOS
+  tokens[2, 6:], tokens[2, 5] = vocab.PAD, vocab.EOS
+  mask = rng.random((rows, tasks)) > 0.3
+  return ft_data.EncodedSplit(tokens, (rng.random((rows, tasks)) > 0.5).astype(np.float32), mask)
+
+
+def test_finetuning_steps_through_the_one_trainer_equal_a_direct_computation():
+  """TrainSetup on a sharded (data=2, fsdp=4) mesh == an unsharded value_and_grad of FinetuneModel + the
+  task loss with dropout key fold_in(PRNGKey(seed), step), followed by the optax update; the pretrained
+  encoder is put in place exactly and the head is ClassificationHead.init(PRNGKey(seed))."""
+  config = ft_config.default_config("bbbp")
+  config.mesh = ml_collections.ConfigDict(dict(data=2, fsdp=4, tensor=1))
+  model_cfg = ModelConfig.from_config(config_lib.model_config("tiny", vocab_size=40, num_layers=1))
+  split, seed, total_steps = _multitask_split(), 4, 10
+  batch = ft_data.make_batch(split, np.array([5, 0, 2, 7, 1, 3]), 8)  # 2 filler rows
+  model = loop.loss_model(model_cfg, "multitask_binary", 3, 0.1, ft_data.make_batch(split, np.arange(0), 1))
+  setup = steps.TrainSetup.create(config, partitioning.create_mesh(config.mesh), model,
+                                  ft_config.optimizer_config(config, total_steps))
+  encoder = model_lib.FinetuneModel(model_cfg, 3).init(jax.random.PRNGKey(9), jnp.asarray(split.tokens))["params"]
+  encoder = jax.device_get(nn.meta.unbox(encoder)["encoder"])
+  state = setup.init_state(seed, {"encoder": encoder})
+  params = jax.device_get(state.params)
+  jax.tree.map(np.testing.assert_array_equal, params["encoder"], encoder)
+  head = jax.jit(model_lib.ClassificationHead(model_cfg, 3).init)(jax.random.PRNGKey(seed),
+                                                                  jnp.zeros((1, model_cfg.d_model)))["params"]
+  jax.tree.map(np.testing.assert_array_equal, params["head"], jax.device_get(nn.meta.unbox(head)))
+
+  train_model = model_lib.FinetuneModel(model_cfg, 3, 0.1, deterministic=False)
+
+  def mean_loss(p, step):
+    outputs = train_model.apply({"params": p}, jnp.asarray(batch["tokens"]),
+                                rngs={"dropout": jax.random.fold_in(jax.random.PRNGKey(seed), step)})
+    total, weight, _ = model_lib.task_loss("multitask_binary", outputs, jnp.asarray(batch["labels"]),
+                                           jnp.asarray(batch["mask"]))
+    return total / weight
+
+  optimizer = optim.make_optimizer(ft_config.optimizer_config(config, total_steps))
+  want, opt_state = params, optimizer.init(params)
+  for step in range(2):
+    loss, grads = jax.value_and_grad(mean_loss)(want, step)
+    updates, opt_state = optimizer.update(grads, opt_state, want)
+    want = optax.apply_updates(want, updates)
+    state, metrics = setup.train_step(state, batch, seed)
+    np.testing.assert_allclose(float(metrics["loss"]), float(loss), rtol=1e-5)
+    assert float(metrics["weight"]) == batch["mask"].sum()
+  assert int(state.step) == 2
+  for got, expected in zip(jax.tree.leaves(jax.device_get(state.params)), jax.tree.leaves(want)):
+    np.testing.assert_allclose(got, expected, atol=2e-6)
+  predicted = setup.predict(state.params, batch)
+  direct = model_lib.FinetuneModel(model_cfg, 3).apply({"params": want}, jnp.asarray(batch["tokens"]))
+  np.testing.assert_allclose(np.asarray(predicted), np.asarray(direct), atol=1e-5)
+
+
+def test_nothing_under_finetune_builds_its_own_jit_eval_shape_or_shardings():
+  """The one trainer (train/steps.py) owns jit, eval_shape and batch/param shardings."""
+  forbidden = {"jit", "pjit", "eval_shape", "sharding", "NamedSharding", "PartitionSpec", "device_put",
+               "make_array_from_process_local_data", "shard_map"}
+  root = pathlib.Path(loop.__file__).parent
+  found = []
+  for path in sorted(root.glob("*.py")):
+    for node in ast.walk(ast.parse(path.read_text())):
+      if isinstance(node, ast.Attribute) and node.attr in forbidden:
+        found.append(f"{path.name}:{node.lineno} .{node.attr}")
+      elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("jax"):
+        found += [f"{path.name}:{node.lineno} from {node.module} import {a.name}" for a in node.names
+                  if a.name in forbidden or (node.module or "").startswith("jax.sharding")]
+  assert len(list(root.glob("*.py"))) >= 8 and not found, found
+
+
+# ----------------------------------------------------------------------------------------------
 # End to end
 # ----------------------------------------------------------------------------------------------
 
@@ -155,7 +241,7 @@ def test_sst2_end_to_end_from_a_maelm_checkpoint_and_resume(shared_data, tmp_pat
   config = load_config_module("finetune_sst2").get_config("quick")
   config = quick(config, seeds=(0,))
   config.data.max_train_examples, config.data.max_eval_examples = 48, 32
-  task = loop.load_task_data(config)
+  task = ft_data.load_task_data(config)
   assert task.name == "sst2" and task.report_splits == ("test",)  # GLUE dev reported as test
   sentences = [t for s in task.splits.values() for t in s.texts]
   tok = tokenizers.SentencePieceTokenizer.train(sentences, vocab_size=400)
@@ -185,27 +271,27 @@ def test_sst2_end_to_end_from_a_maelm_checkpoint_and_resume(shared_data, tmp_pat
 def test_encoder_handoff_fails_loudly_on_a_mismatched_tree(tmp_path):
   tok = tokenizers.SmilesRegexTokenizer.build(["CCO", "c1ccccc1N"])
   config, params = make_pretraining_workdir(tmp_path, "mlm", tok)
-  init = loop.pretrained_encoder(str(tmp_path))
+  init = handoff.pretrained_encoder(str(tmp_path))
   assert init.objective == "mlm" and init.step == 3 and init.model_config.d_model == config.model.d_model
   np.testing.assert_array_equal(np.asarray(init.encoder["token_embed"]["embedding"]),
                                 params["encoder"]["token_embed"]["embedding"])
 
   with pytest.raises(ValueError, match=r"wrong shapes .*token_embed/embedding"):
-    loop.check_encoder_tree(init.encoder, ModelConfig.from_config(config.model, vocab_size=tok.vocab_size + 1),
+    handoff.check_encoder_tree(init.encoder, ModelConfig.from_config(config.model, vocab_size=tok.vocab_size + 1),
                             "ckpt")
   broken = {**init.encoder, "stack": {k: v for k, v in init.encoder["stack"].items() if k != "layer_1"}}
   with pytest.raises(ValueError, match=r"missing \['stack/layer_1/"):
-    loop.check_encoder_tree(broken, init.model_config, "ckpt")
+    handoff.check_encoder_tree(broken, init.model_config, "ckpt")
   # A config.json that disagrees with the checkpoint (here: one layer more) fails at the hand-off.
   edited = json.loads((tmp_path / "config.json").read_text())
   edited["model"]["num_layers"] += 1
   (tmp_path / "config.json").write_text(json.dumps(edited))
   with pytest.raises(ValueError, match=r"does not match the fine-tuning encoder: missing \['stack/layer_2/"):
-    loop.pretrained_encoder(str(tmp_path))
+    handoff.pretrained_encoder(str(tmp_path))
   with pytest.raises(ValueError, match="may only override"):
-    cfg = loop.default_config()
+    cfg = ft_config.default_config()
     cfg.model.d_model = 64
-    loop.validate_config(cfg, 8)
+    ft_config.validate_config(cfg, 8)
 
 
 @pytest.mark.parametrize("objective", ["maelm", "exlm"])
@@ -214,7 +300,7 @@ def test_maelm_exlm_encoders_hand_off_and_the_head_is_the_papers(tmp_path, objec
   without masks (ExLM: no expansion, copy index 0) + <s> -> dense -> tanh -> linear (dropout off)."""
   tok = tokenizers.SmilesRegexTokenizer.build(["CCO", "c1ccccc1N", "CC(=O)O"])
   config, saved = make_pretraining_workdir(tmp_path, objective, tok, num_layers=1)
-  init = loop.pretrained_encoder(str(tmp_path))
+  init = handoff.pretrained_encoder(str(tmp_path))
   assert init.objective == objective and init.step == 3
   jax.tree.map(np.testing.assert_array_equal, init.encoder, saved["encoder"])
 
@@ -253,7 +339,7 @@ def test_configs_cover_every_task_and_sweeps_override_existing_fields():
   glue = load_config_module("finetune_glue")
   for task in GLUE_TASKS:
     config = glue.get_config(f"task={task}")
-    loop.validate_config(config, 8)
+    ft_config.validate_config(config, 8)
     assert config.finetune.task == task
     sweep = glue.get_sweep(f"task={task}")
     assert len(sweep) == (24 if task in glue.LARGE_TASKS else 64)
@@ -261,17 +347,17 @@ def test_configs_cover_every_task_and_sweeps_override_existing_fields():
     assert all(key in config for d in sweep for key in d)
   molecules = load_config_module("finetune_moleculenet")
   for task in MOLECULENET:
-    loop.validate_config(molecules.get_config(f"task={task}"), 8)
+    ft_config.validate_config(molecules.get_config(f"task={task}"), 8)
   assert len(molecules.get_sweep(None)) == 18
   assert load_config_module("finetune_sst2").get_config("quick").finetune.task == "sst2"
   assert load_config_module("finetune_bbbp").get_config().finetune.task == "bbbp"
   with pytest.raises(ValueError, match="unknown GLUE task"):
     glue.get_config("task=squad")
-  assert loop.label_columns("NR-AR, SR-p53,") == ["NR-AR", "SR-p53"]
+  assert ft_config.label_columns("NR-AR, SR-p53,") == ["NR-AR", "SR-p53"]
   bad = molecules.get_config("task=bbbp")
   bad.batch_size = 12
   with pytest.raises(ValueError, match="divisible by the data-parallel size 8"):
-    loop.validate_config(bad, 8)
+    ft_config.validate_config(bad, 8)
 
 
 def test_csv_task_from_config_fields(shared_data):
@@ -279,7 +365,7 @@ def test_csv_task_from_config_fields(shared_data):
   config.data.path = "$DATA/moleculenet/clintox.csv"
   config.data.label_columns = "FDA_APPROVED,CT_TOX"
   config.data.max_train_examples = 50
-  task = loop.load_task_data(config)
+  task = ft_data.load_task_data(config)
   assert task.name == "clintox" and task.num_outputs == 2 and task.task_type == "multitask_binary"
   assert len(task.splits["train"]) == 50 and task.report_splits == ("test",)
 
@@ -287,12 +373,12 @@ def test_csv_task_from_config_fields(shared_data):
 def test_regression_targets_are_standardised_and_scored_in_label_units(shared_data):
   config = load_config_module("finetune_moleculenet").get_config("task=esol")
   config.data.max_train_examples = 200
-  task = loop.load_task_data(config)
-  mean, std = loop.target_stats(task, normalize=True)
+  task = ft_data.load_task_data(config)
+  mean, std = ft_data.target_stats(task, normalize=True)
   train_labels = task.splits["train"].labels[:, 0]
   np.testing.assert_allclose([mean[0], std[0]], [train_labels.mean(), train_labels.std()], rtol=1e-5)
   tokenizer = tokenizers.SmilesRegexTokenizer.build(task.splits["train"].texts)
-  encoded, _ = loop.encode_split(task.splits["test"], tokenizer, 64, task.task_type, mean, std)
+  encoded, _ = ft_data.encode_split(task.splits["test"], tokenizer, 64, task.task_type, mean, std)
   np.testing.assert_allclose(encoded.labels * std + mean, task.splits["test"].labels, rtol=1e-5, atol=1e-5)
-  perfect = loop.score(task, "test", encoded.labels, mean, std)  # outputs in the normalised space
+  perfect = ft_results.score(task, "test", encoded.labels, mean, std)  # outputs in the normalised space
   assert perfect["rmse"] == pytest.approx(0.0, abs=1e-5) and task.main_metric == "rmse"

@@ -12,6 +12,8 @@ Head (both papers, fairseq `ClassificationHead`): the `<s>` state (slot 0) -> dr
   * 'multitask_binary': num_outputs independent sigmoid tasks, binary cross-entropy masked by the
     label mask (a missing label contributes exactly zero loss and zero gradient).
 Every loss returns (sum, count) over the batch; the step divides the global sum by the global count.
+`FinetuneLoss` (model + task loss over a batch dict) is the module the one trainer (train/steps.py)
+fine-tunes (finetune/loop.py `loss_model`).
 
 Shapes: B batch, L length, D width, C = num_outputs (classes or targets/tasks).
 """
@@ -111,3 +113,26 @@ def task_loss(task_type: str, outputs: jax.Array, labels: jax.Array, mask: jax.A
   else:
     raise ValueError(f"task_type={task_type!r}; choose one of {TASK_TYPES}")
   return loss_sum, count, {"loss": (loss_sum, count)}
+
+
+# ----------------------------------------------------------------------------------------------
+# The loss module the trainer fine-tunes
+# ----------------------------------------------------------------------------------------------
+
+
+class FinetuneLoss(FinetuneModel):
+  """FinetuneModel + its task loss, over a batch dict (the objective contract of objectives/base.py).
+
+  batch: tokens (B, L) int32; labels (B,) int32 (classification) or (B, C) float32; mask like labels
+  (bool; False on filler rows). `__call__(batch, rng)` -> (loss_sum, weight, metrics) of `task_loss`
+  (rng unused: dropout comes from the 'dropout' collection); `predict(batch)` -> (B, C) float32 outputs.
+  """
+
+  task_type: str = "classification"
+
+  def __call__(self, batch: dict, rng: jax.Array | None = None):
+    del rng
+    return task_loss(self.task_type, self.predict(batch), batch["labels"], batch["mask"])
+
+  def predict(self, batch: dict) -> jax.Array:
+    return super().__call__(batch["tokens"])

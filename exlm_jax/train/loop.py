@@ -67,7 +67,7 @@ def evaluate(setup: steps.TrainSetup, params, batches) -> dict:
   loss_sum, weight, metrics = jax.device_get(totals)
   result = {name: float(s) / max(float(c), 1e-9) for name, (s, c) in metrics.items()}
   result["loss"] = float(loss_sum) / max(float(weight), 1e-9)
-  result["perplexity"] = float(np.exp(min(result["loss"], 50.0)))
+  result.update(_perplexity(result))
   return result
 
 
@@ -143,6 +143,10 @@ def perf_reporter(config):
   return report
 
 
+def _perplexity(means: dict) -> dict:
+  return {"perplexity": float(np.exp(min(means["loss"], 50.0)))}
+
+
 def prepare(config, workdir: str):
   """Data, config with the vocabulary size, mesh and TrainSetup for a pretraining run."""
   from exlm_jax.data import pipeline  # pylint: disable=g-import-not-at-top
@@ -186,13 +190,12 @@ def train_and_evaluate(config, workdir: str) -> dict:
   note(f"compiled the train step in {time.perf_counter() - started:.1f}s; {memory_summary(compiled)}")
 
   writer = reporting.Writer(os.path.join(workdir, "tensorboard"))
-  tokens_per_step = config.batch_size * config.seq_len
-  progress = reporting.Progress(config.total_steps, tokens_per_step, start_step)
-  flops_report = perf_reporter(config)
+  progress = reporting.Progress(config.total_steps, config.batch_size * config.seq_len, start_step)
+  log = reporting.LogWindow(config.log_every, progress, writer, derived=_perplexity, perf_report=perf_reporter(config))
   profile = ProfileWindow(os.path.join(workdir, "profile"), config.get("profile_start_step", -1),
                           config.get("profile_num_steps", 3))
   eval_batches = None
-  window, last_train, last_eval, perf = [], {}, {}, {}
+  last_eval = {}
   step = start_step
   # [scale-out] SIGTERM on any process -> every process saves the same step and stops; in-flight
   # async saves are waited for (and their errors raised) when the block exits, also on an exception.
@@ -204,27 +207,12 @@ def train_and_evaluate(config, workdir: str) -> dict:
       with jax.profiler.StepTraceAnnotation("train", step_num=step + 1):
         state, metrics = compiled(state, batch)
       step += 1
-      window.append(metrics)
-      if step % config.log_every == 0 or step == config.total_steps:
-        host = jax.device_get(window)  # the only host sync in the loop
-        window = []
-        last_train = {k: float(np.mean([m[k] for m in host])) for k in host[0]}
-        last_train["perplexity"] = float(np.exp(min(last_train["loss"], 50.0)))
-        if not np.isfinite(last_train["loss"]):
-          raise FloatingPointError(f"loss became {last_train['loss']} at step {step}; lower the learning "
-                                   "rate or enable grad_clip_norm")
-        line, perf = progress.report(step, last_train)
-        extra, text = flops_report(perf)
-        perf.update(extra)
-        note(f"{line} | {text}" if text else line)
-        writer.scalars(step, {**last_train, **perf}, prefix="train/")
+      log.add(step, metrics)
       if step % config.eval_every == 0 or step == config.total_steps:
         eval_batches = eval_batches if eval_batches is not None else list(data.eval_batches())
         last_eval = evaluate(setup, state.params, eval_batches)
-        if last_eval:
-          note(f"eval at step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in last_eval.items()))
-          writer.scalars(step, last_eval, prefix="eval/")
-        progress.restart_clock(step)
+        log.evaluated(step, last_eval, "eval/",
+                      f"eval at step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in last_eval.items()))
       if profile.after(step, (state, metrics)):
         progress.restart_clock(step)  # writing the trace is not training time
       preempted = stop.reached(step)  # every step, on every process
@@ -236,7 +224,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
         break
   writer.close()
 
-  final = {"step": step, "train": last_train, "eval": last_eval, "perf": perf,
+  final = {"step": step, "train": log.last, "eval": last_eval, "perf": log.perf,
            "num_params": setup.num_params(), "wall_time_s": time.perf_counter() - started,
            "objective": config.objective, "preempted": step < config.total_steps}
   checkpoint.write_json(os.path.join(workdir, "final_metrics.json"), final)

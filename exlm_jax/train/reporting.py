@@ -1,12 +1,15 @@
-"""What a run tells its user: a progress line, TensorBoard events (tensorboardX, no TensorFlow)."""
+"""What a run tells its user: a progress line, TensorBoard events (tensorboardX, no TensorFlow), and the
+log window both training loops (pretraining, fine-tuning) report their train metrics through."""
 
 from __future__ import annotations
 
 import os
 import sys
 import time
+from typing import Callable
 
 import jax
+import numpy as np
 
 
 def note(message: str) -> None:
@@ -77,3 +80,48 @@ class Progress:
 
 
 _SHOWN = ("loss", "accuracy", "perplexity", "grad_norm", "learning_rate")  # in this order
+
+
+class LogWindow:
+  """The train metrics of the steps since the last report, synced to the host once per report.
+
+  `add(step, metrics)` keeps a step's device metrics; every `every` steps and at `total_steps` it fetches
+  them (the only host sync of a training loop), averages each over the window, adds `derived(means)`,
+  raises FloatingPointError on a non-finite loss, prints the progress line (prefixed by `context`, with
+  `perf_report`'s text) and writes the means and throughput as `train/` TensorBoard scalars. `last` and
+  `perf` hold the latest report; `evaluated` reports an evaluation.
+  """
+
+  def __init__(self, every: int, progress: Progress, writer: Writer,
+               derived: Callable[[dict], dict] = lambda means: {},
+               perf_report: Callable[[dict], tuple[dict, str]] = lambda perf: ({}, "")):
+    self.every, self.progress, self.writer = every, progress, writer
+    self.derived, self.perf_report = derived, perf_report
+    self.last, self.perf = {}, {}
+    self._window = []
+
+  def add(self, step: int, metrics: dict, context: str = "") -> bool:
+    """True when `step` was a report step."""
+    self._window.append(metrics)
+    if step % self.every and step != self.progress.total_steps:
+      return False
+    host, self._window = jax.device_get(self._window), []
+    means = {k: float(np.mean([m[k] for m in host])) for k in host[0]}
+    means.update(self.derived(means))
+    if not np.isfinite(means["loss"]):
+      raise FloatingPointError(f"{context + ': ' if context else ''}loss became {means['loss']} at step {step}; "
+                               "lower the learning rate or set grad_clip_norm")
+    line, perf = self.progress.report(step, means)
+    extra, text = self.perf_report(perf)
+    perf.update(extra)
+    note(" | ".join(part for part in (context, line, text) if part))
+    self.writer.scalars(step, {**means, **perf}, prefix="train/")
+    self.last, self.perf = means, perf
+    return True
+
+  def evaluated(self, step: int, metrics: dict, prefix: str, message: str) -> None:
+    """An evaluation at `step`: its line and `prefix` TensorBoard scalars; its time is not training time."""
+    if metrics:
+      note(message)
+      self.writer.scalars(step, metrics, prefix=prefix)
+    self.progress.restart_clock(step)

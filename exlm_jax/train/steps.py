@@ -1,22 +1,28 @@
-"""The jitted train and eval steps over a device mesh; objective-agnostic.
+"""The one trainer: jitted train, eval and predict steps of any loss module over a device mesh.
 
-`TrainSetup.create(config, mesh)` looks the objective up by name, derives parameter shardings from
-the logical axis names, and jits:
-  * `init_state(seed)`          -> TrainState, born sharded (`jax.jit(init, out_shardings=...)`);
-  * `train_step(state, tokens)` -> (state, metrics), state donated;
-  * `eval_step(params, tokens, index)` -> (loss_sum, weight, metric sums);
-  * `loss_and_grads(params, tokens, step)` for tests and tools.
-Randomness: the step key is `fold_in(PRNGKey(seed), step)`, split by the objective into masking and
-dropout keys, so a resumed run sees exactly the masks of an uninterrupted one.
+`TrainSetup.create(config, mesh, model=None, optimizer_config=None)` takes a `LossModel` (default: the
+pretraining objective `config.objective`, `objective_loss`), derives parameter shardings from the
+logical axis names, and jits:
+  * `init_state(seed, override)` -> TrainState, born sharded; `override` (a partial params tree, e.g. a
+    pretrained encoder) replaces part of the freshly initialised params;
+  * `train_step(state, batch, seed)` -> (state, metrics), state donated;
+  * `eval_step(params, batch, index)` -> (loss_sum, weight, metric sums);
+  * `predict(params, batch)` -> the module's `predict(batch)` outputs (evaluation by host-side metrics);
+  * `loss_and_grads(params, batch, step)` for tests and tools.
+A batch is a pytree of (B, ...) arrays with the structure of the model's example batch: the (B, n) token
+array for the pretraining objectives, {tokens, labels, mask} for fine-tuning.
+Randomness: the step key is `fold_in(PRNGKey(seed), step)` (`seed` defaults to `config.seed`), split by
+`LossModel.rngs` (pretraining: into masking and dropout keys), so a resumed run sees exactly the masks of
+an uninterrupted one.
 Loss normalisation: grads and loss are summed over micro-batches (and, by jit, over devices) and
-divided by the summed weight once, so the objective is normalised over the global batch.
+divided by the summed weight once, so the loss is normalised over the global batch.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
+from typing import Any, Callable, Mapping
 
 import flax
 import flax.linen as nn
@@ -24,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from exlm_jax import objectives
 from exlm_jax.objectives import base
@@ -43,42 +49,108 @@ def _sum_trees(a, b):
   return jax.tree.map(jnp.add, a, b)
 
 
+def split_rngs(key: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """(the `rng` argument of the module, the dropout key): the two halves of `key`."""
+  rng, dropout = jax.random.split(key)
+  return rng, dropout
+
+
+def replace_subtrees(params, override, rng=None):
+  """`params` with the sub-trees of the nested dict `override` put in place (cast to the params' dtypes)."""
+  del rng
+  if isinstance(override, Mapping):
+    return {**params, **{k: replace_subtrees(params[k], v) for k, v in override.items()}}
+  return jax.tree.map(lambda new, old: jnp.asarray(new).astype(old.dtype), override, params)
+
+
+def _select(tree, override):
+  """The parts of `tree` at the paths of the nested dict `override` (e.g. their shardings)."""
+  if isinstance(override, Mapping):
+    return {k: _select(tree[k], v) for k, v in override.items()}
+  return tree
+
+
+@dataclasses.dataclass(frozen=True)
+class LossModel:
+  """A Linen loss module, as TrainSetup trains it.
+
+  make(deterministic) -> a Linen module whose `__call__(batch, rng)`, with dropout drawn from the
+    'dropout' rng collection, returns (loss_sum, weight, metrics): the objective contract of
+    objectives/base.py (metrics name -> (sum, count)). Optionally the module has `predict(batch)` ->
+    (B, ...) outputs, which `TrainSetup.predict` jits in deterministic mode.
+  example_batch: a batch of one row; `make(True).init` traces it (only its structure, shapes and
+    dtypes matter) and every batch has its structure.
+  rngs: a (micro-)batch key -> (the `rng` argument, the dropout key).
+  init_override: (fresh params, override, init rng) -> the initial params when `init_state` is given an
+    override; default: the override's sub-trees replace the fresh ones.
+  """
+
+  make: Callable[[bool], nn.Module]
+  example_batch: Any
+  rngs: Callable[[jax.Array], tuple[jax.Array, jax.Array]] = split_rngs
+  init_override: Callable[[Any, Any, jax.Array], Any] = replace_subtrees
+
+
+def objective_loss(config) -> LossModel:
+  """The pretraining objective `config.objective` over (B, seq_len) token blocks."""
+  objective = objectives.get(config.objective)
+  return LossModel(lambda deterministic: objective.make_model(config, deterministic),
+                   base.dummy_tokens(1, config.seq_len))
+
+
+def batch_leaf_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
+  """A (B, ...) batch array: rows split over every data-parallel axis."""
+  return NamedSharding(mesh, P(partitioning.BATCH_AXES, *[None] * (ndim - 1)))
+
+
+def process_rows(batch):
+  """This process's rows of a global host batch (every process holds the same one; rows go in process order)."""
+  index, count = jax.process_index(), jax.process_count()
+  return jax.tree.map(lambda x: np.asarray(x)[index * len(x) // count:(index + 1) * len(x) // count], batch)
+
+
 @dataclasses.dataclass
 class TrainSetup:
-  """Everything needed to run one objective's steps on one mesh."""
+  """Everything needed to run one loss module's steps on one mesh."""
 
   config: Any
   mesh: Mesh
-  objective: base.Objective
+  model: LossModel
   rules: tuple
   optimizer: optax.GradientTransformation
   schedule: optax.Schedule
   state_sharding: Any
-  batch_sharding: NamedSharding
+  batch_sharding: Any  # the example batch's structure, one NamedSharding per array
   state_shapes: Any = None  # TrainState of ShapeDtypeStructs with their shardings (see abstract_state)
 
   @classmethod
-  def create(cls, config, mesh: Mesh) -> "TrainSetup":
-    objective = objectives.get(config.objective)
-    rules = partitioning.logical_rules(config)
-    optimizer = optim.make_optimizer(config)
-    setup = cls(config, mesh, objective, rules, optimizer, optim.learning_rate_schedule(config),
-                None, partitioning.batch_sharding(mesh))
+  def create(cls, config, mesh: Mesh, model: LossModel | None = None, optimizer_config=None) -> "TrainSetup":
+    """model None: `objective_loss(config)`; optimizer_config None: `config` (train/optim.py's fields)."""
+    model = objective_loss(config) if model is None else model
+    optimizer_config = config if optimizer_config is None else optimizer_config
+    batch_sharding = jax.tree.map(lambda x: batch_leaf_sharding(mesh, np.ndim(x)), model.example_batch)
+    setup = cls(config, mesh, model, partitioning.logical_rules(config), optim.make_optimizer(optimizer_config),
+                optim.learning_rate_schedule(optimizer_config), None, batch_sharding)
     with setup.context():
       boxed = jax.eval_shape(setup._boxed_state, jax.random.PRNGKey(0))
-      setup.state_sharding = partitioning.shardings_from_boxed(boxed, mesh, rules)
+      setup.state_sharding = partitioning.shardings_from_boxed(boxed, mesh, setup.rules)
     setup.state_shapes = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                                       nn.meta.unbox(boxed), setup.state_sharding)
+    params_sharding, replicated = setup.state_sharding.params, partitioning.replicated(mesh)
     setup._init = jax.jit(setup._init_state, out_shardings=setup.state_sharding)
-    setup._train = jax.jit(setup._train_step, in_shardings=(setup.state_sharding, setup.batch_sharding),
-                           out_shardings=(setup.state_sharding, partitioning.replicated(mesh)),
-                           donate_argnums=0)
-    setup._eval = jax.jit(setup._eval_step,
-                          in_shardings=(setup.state_sharding.params, setup.batch_sharding, None),
-                          out_shardings=partitioning.replicated(mesh))
-    setup._grads = jax.jit(setup._loss_and_grads,
-                           in_shardings=(setup.state_sharding.params, setup.batch_sharding, None),
-                           out_shardings=(partitioning.replicated(mesh), setup.state_sharding.params))
+    setup._init_with = {}  # override tree structure -> jitted init (see init_state)
+    train = dict(out_shardings=(setup.state_sharding, replicated), donate_argnums=0)
+    setup._train = jax.jit(setup._train_step, in_shardings=(setup.state_sharding, batch_sharding), **train)
+    setup._train_seeded = jax.jit(setup._train_step, in_shardings=(setup.state_sharding, batch_sharding, replicated),
+                                  **train)
+    setup._eval = jax.jit(setup._eval_step, in_shardings=(params_sharding, batch_sharding, None),
+                          out_shardings=replicated)
+    setup._grads = jax.jit(setup._loss_and_grads, in_shardings=(params_sharding, batch_sharding, None),
+                           out_shardings=(replicated, params_sharding))
+    setup._predict = jax.jit(setup._predict_step, in_shardings=(params_sharding, batch_sharding),
+                             out_shardings=replicated)
+    setup._copy = jax.jit(lambda p: jax.tree.map(jnp.copy, p), in_shardings=(params_sharding,),
+                          out_shardings=params_sharding)
     return setup
 
   # -- context ---------------------------------------------------------------------------------
@@ -93,50 +165,67 @@ class TrainSetup:
 
   # -- pure functions (traced under jit) ---------------------------------------------------------
 
+  def _fresh_params(self, rng):
+    """Params (boxed with logical partitioning metadata) traced on the example batch."""
+    return self.model.make(True).init({"params": rng, "dropout": rng}, self.model.example_batch, rng)["params"]
+
   def _boxed_state(self, rng) -> TrainState:
-    params = base.init_params(self.objective, self.config, rng)
+    params = self._fresh_params(rng)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=self.optimizer.init(params))
 
-  def _init_state(self, rng) -> TrainState:
-    return nn.meta.unbox(self._boxed_state(rng))
+  def _init_state(self, rng, override=None) -> TrainState:
+    params = nn.meta.unbox(self._fresh_params(rng))
+    if override is not None:
+      params = self.model.init_override(params, override, rng)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=self.optimizer.init(params))
 
-  def _micro_batches(self, tokens):
-    """(B, n) -> (A, B/A, n), micro-batch a = rows a, a+A, ... so no rows move between devices."""
-    accum = self.config.grad_accum_steps
-    batch, seq_len = tokens.shape
-    micro = tokens.reshape(batch // accum, accum, seq_len).swapaxes(0, 1)
-    return jax.lax.with_sharding_constraint(
-        micro, NamedSharding(self.mesh, jax.sharding.PartitionSpec(None, partitioning.BATCH_AXES, None)))
+  def _apply_loss(self, params, batch, key, train: bool):
+    """(loss_sum, (weight, metrics)) for one batch: the function the trainer differentiates."""
+    rng, dropout = self.model.rngs(key)
+    loss_sum, weight, metrics = self.model.make(not train).apply({"params": params}, batch, rng,
+                                                                 rngs={"dropout": dropout})
+    return loss_sum, (weight, metrics)
 
-  def _summed_grads(self, params, tokens, key):
+  def _micro_batches(self, batch):
+    """(B, ...) -> (A, B/A, ...), micro-batch a = rows a, a+A, ... so no rows move between devices."""
+    accum = self.config.get("grad_accum_steps", 1)
+
+    def split(x):
+      micro = x.reshape(x.shape[0] // accum, accum, *x.shape[1:]).swapaxes(0, 1)
+      spec = P(None, partitioning.BATCH_AXES, *[None] * (x.ndim - 1))
+      return jax.lax.with_sharding_constraint(micro, NamedSharding(self.mesh, spec))
+
+    return jax.tree.map(split, batch)
+
+  def _summed_grads(self, params, batch, key):
     """Gradients of the loss SUM, with loss_sum, weight and metric sums, over all micro-batches."""
-    value_and_grad = jax.value_and_grad(
-        lambda p, t, k: base.apply_loss(self.objective, self.config, p, t, k, True), has_aux=True)
-    if self.config.grad_accum_steps == 1:
-      (loss_sum, (weight, metrics)), grads = value_and_grad(params, tokens, key)
+    value_and_grad = jax.value_and_grad(lambda p, b, k: self._apply_loss(p, b, k, True), has_aux=True)
+    if self.config.get("grad_accum_steps", 1) == 1:
+      (loss_sum, (weight, metrics)), grads = value_and_grad(params, batch, key)
       return grads, loss_sum, weight, metrics
 
     def body(carry, inputs):
-      index, micro_tokens = inputs
-      (loss_sum, (weight, metrics)), grads = value_and_grad(params, micro_tokens, jax.random.fold_in(key, index))
+      index, micro_batch = inputs
+      (loss_sum, (weight, metrics)), grads = value_and_grad(params, micro_batch, jax.random.fold_in(key, index))
       return _sum_trees(carry, (grads, loss_sum, weight, metrics)), None
 
-    micro = self._micro_batches(tokens)
-    shapes = jax.eval_shape(lambda: value_and_grad(params, micro[0], key))
-    (loss0, (weight0, metrics0)), grads0 = shapes
+    micro = self._micro_batches(batch)
+    first = jax.tree.map(lambda m: m[0], micro)
+    (loss0, (weight0, metrics0)), grads0 = jax.eval_shape(lambda: value_and_grad(params, first, key))
     zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (grads0, loss0, weight0, metrics0))
-    total, _ = jax.lax.scan(body, zeros, (jnp.arange(micro.shape[0]), micro))
+    num_micro = jax.tree.leaves(micro)[0].shape[0]
+    total, _ = jax.lax.scan(body, zeros, (jnp.arange(num_micro), micro))
     return total
 
-  def _loss_and_grads(self, params, tokens, step):
+  def _loss_and_grads(self, params, batch, step):
     key = jax.random.fold_in(self.base_key, step)
-    grads, loss_sum, weight, _ = self._summed_grads(params, tokens, key)
+    grads, loss_sum, weight, _ = self._summed_grads(params, batch, key)
     scale = 1.0 / jnp.maximum(weight, 1e-9)
     return loss_sum * scale, jax.tree.map(lambda g: g * scale, grads)
 
-  def _train_step(self, state: TrainState, tokens):
-    key = jax.random.fold_in(self.base_key, state.step)
-    grads, loss_sum, weight, metrics = self._summed_grads(state.params, tokens, key)
+  def _train_step(self, state: TrainState, batch, base_key=None):
+    key = jax.random.fold_in(self.base_key if base_key is None else base_key, state.step)
+    grads, loss_sum, weight, metrics = self._summed_grads(state.params, batch, key)
     scale = 1.0 / jnp.maximum(weight, 1e-9)
     grads = jax.tree.map(lambda g: g * scale, grads)
     updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
@@ -146,45 +235,78 @@ class TrainSetup:
                learning_rate=self.schedule(state.step), weight=weight)
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state), out
 
-  def _eval_step(self, params, tokens, index):
+  def _eval_step(self, params, batch, index):
     key = jax.random.fold_in(jax.random.fold_in(self.base_key, _EVAL_SALT), index)
-    loss_sum, (weight, metrics) = base.apply_loss(self.objective, self.config, params, tokens, key, False)
+    loss_sum, (weight, metrics) = self._apply_loss(params, batch, key, False)
     return loss_sum, weight, metrics
+
+  def _predict_step(self, params, batch):
+    return self.model.make(True).apply({"params": params}, batch, method="predict")
 
   # -- public, jitted --------------------------------------------------------------------------
 
-  def init_state(self, seed: int | None = None) -> TrainState:
+  def init_state(self, seed: int | None = None, override=None) -> TrainState:
+    """Fresh state from PRNGKey(seed) (default config.seed); `override`: a partial params tree (host or
+    device arrays, e.g. {'encoder': pretrained}) put in place by `LossModel.init_override`."""
+    rng = jax.random.PRNGKey(self.config.seed if seed is None else seed)
     with self.context():
-      return self._init(jax.random.PRNGKey(self.config.seed if seed is None else seed))
+      if override is None:
+        return self._init(rng)
+      structure = jax.tree.structure(override)
+      if structure not in self._init_with:
+        self._init_with[structure] = jax.jit(
+            self._init_state, in_shardings=(None, _select(self.state_sharding.params, override)),
+            out_shardings=self.state_sharding)
+      return self._init_with[structure](rng, override)
 
-  def train_step(self, state: TrainState, tokens) -> tuple[TrainState, dict]:
+  def train_step(self, state: TrainState, batch, seed: int | None = None) -> tuple[TrainState, dict]:
+    """One update; the step key is fold_in(PRNGKey(seed), state.step), seed None = config.seed."""
     with self.context():
-      return self._train(state, self.shard_batch(tokens))
+      if seed is None:
+        return self._train(state, self.shard_batch(batch))
+      return self._train_seeded(state, self.shard_batch(batch), jax.random.PRNGKey(seed))
 
-  def eval_step(self, params, tokens, index: int):
+  def eval_step(self, params, batch, index: int):
     with self.context():
-      return self._eval(params, self.shard_batch(tokens), index)
+      return self._eval(params, self.shard_batch(batch), index)
 
-  def loss_and_grads(self, params, tokens, step: int = 0):
+  def loss_and_grads(self, params, batch, step: int = 0):
     with self.context():
-      return self._grads(params, self.shard_batch(tokens), step)
+      return self._grads(params, self.shard_batch(batch), step)
 
-  def shard_batch(self, tokens):
-    """A process-local numpy batch (or a global jax.Array) -> global array on the batch sharding."""
-    if isinstance(tokens, jax.Array) and tokens.sharding == self.batch_sharding:
-      return tokens
-    return jax.make_array_from_process_local_data(self.batch_sharding, np.asarray(tokens))
+  def predict(self, params, batch):
+    """The module's `predict(batch)` outputs (deterministic), replicated."""
+    with self.context():
+      return self._predict(params, self.shard_batch(batch))
+
+  def copy_params(self, params):
+    """A copy on the same shardings (keeps, e.g., the best params while train_step donates the state)."""
+    with self.context():
+      return self._copy(params)
+
+  def shard_batch(self, batch):
+    """A process-local host batch (or global jax.Arrays) -> global arrays on the batch sharding."""
+
+    def place(x, sharding):
+      if isinstance(x, jax.Array) and x.sharding == sharding:
+        return x
+      return jax.make_array_from_process_local_data(sharding, np.asarray(x))
+
+    return jax.tree.map(place, batch, self.batch_sharding)
 
   def abstract_state(self) -> TrainState:
     """Shapes/dtypes/shardings of the state, for restoring checkpoints onto this mesh."""
     return self.state_shapes
 
+  def abstract_batch(self):
+    """Shapes/dtypes/shardings of a global batch of config.batch_size rows."""
+    return jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct((self.config.batch_size, *np.shape(x)[1:]), x.dtype,
+                                                            sharding=sh), self.model.example_batch, self.batch_sharding)
+
   def compile_train_step(self):
     """AOT-lowers and compiles the train step for this mesh (no data, no device memory for state)."""
-    tokens = jax.ShapeDtypeStruct((self.config.batch_size, self.config.seq_len), jnp.int32,
-                                  sharding=self.batch_sharding)
     with self.context():
-      return self._train.lower(self.abstract_state(), tokens).compile()
+      return self._train.lower(self.abstract_state(), self.abstract_batch()).compile()
 
   def num_params(self) -> int:
     shapes = self.abstract_state().params

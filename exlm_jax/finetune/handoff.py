@@ -1,0 +1,79 @@
+"""What fine-tuning starts from: a pretraining (or fine-tuning) run's encoder, architecture and tokenizer,
+checked leaf by leaf against the fine-tuning encoder, or a randomly initialised encoder (a baseline)."""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+from typing import Any
+
+from exlm_jax import api, config_lib, objectives
+from exlm_jax.finetune import tasks as tasks_lib
+from exlm_jax.models.encoder import ModelConfig
+
+
+@dataclasses.dataclass
+class Initialisation:
+  """What a fine-tuning run starts from. encoder None = random init (from scratch)."""
+
+  model_config: ModelConfig
+  tokenizer: Any
+  encoder: Any = None
+  objective: str = ""
+  step: int | None = None
+  source: str = ""
+
+
+def check_encoder_tree(encoder, model_config: ModelConfig, source: str) -> None:
+  """Fails loudly unless `encoder` has exactly the leaves and shapes of an Encoder(model_config)."""
+  problems = objectives.base.encoder_tree_problems(encoder, model_config)
+  if problems:
+    raise ValueError(f"the encoder of {source} does not match the fine-tuning encoder: " + "; ".join(problems) +
+                     " -- is init_from a checkpoint of the same model size/positions as its config.json?")
+
+
+def pretrained_encoder(init_from: str, overrides: dict | None = None) -> Initialisation:
+  """Restores `init_from` and returns its encoder params, architecture and tokenizer.
+
+  Pretraining runs hand over `objectives.get(objective).encoder_params(params)`; fine-tuning runs
+  (intermediate-task training) their 'encoder' sub-tree. Raises ValueError on a tree mismatch.
+  """
+  location = api.resolve_run(init_from)
+  raw = api.read_json(location.workdir / api.CONFIG_FILE)
+  params, step = api.restore_params(location.checkpoint_dir, location.step)
+  if location.kind == "finetune":
+    objective = api.read_json(location.workdir / api.TASK_FILE)["pretrain_objective"]
+    encoder = objectives.base.encoder_subtree(params)
+  else:
+    objective = raw.get("objective", "")
+    encoder = objectives.get(objective).encoder_params(params)
+  model_config = api.model_config_from_run(raw, overrides)
+  source = f"{location.checkpoint_dir}/{step}"
+  check_encoder_tree(encoder, model_config, source)
+  return Initialisation(model_config, api.load_tokenizer(location.workdir), encoder, objective, step, source)
+
+
+def _tokenizer_from(path: str):
+  from exlm_jax.data import tokenizers  # pylint: disable=g-import-not-at-top
+  path = pathlib.Path(path).expanduser()
+  return tokenizers.load(path / "tokenizer" if (path / "tokenizer").is_dir() else path)
+
+
+def scratch_initialisation(config, task: tasks_lib.TaskData) -> Initialisation:
+  """Random encoder of size `scratch_size`, tokenizer from `config.tokenizer` or built on the train split."""
+  from exlm_jax.data import tokenizers  # pylint: disable=g-import-not-at-top
+  if config.tokenizer:
+    tokenizer = _tokenizer_from(config.tokenizer)
+  else:
+    texts = task.splits["train"].texts
+    flat = [t for pair in texts for t in (pair if isinstance(pair, tuple) else (pair,))]
+    if task.name in tasks_lib.GLUE_TASKS:
+      try:
+        tokenizer = tokenizers.SentencePieceTokenizer.train(flat, vocab_size=config.scratch_vocab_size)
+      except ValueError as e:
+        raise ValueError(f"scratch tokenizer for {task.name}: {e}; the field here is config.scratch_vocab_size "
+                         "(or pass --config.tokenizer=DIR)") from None
+    else:
+      tokenizer = tokenizers.SmilesRegexTokenizer.build(flat)
+  model = config_lib.model_config(config.scratch_size, vocab_size=tokenizer.vocab_size, **dict(config.model))
+  return Initialisation(ModelConfig.from_config(model), tokenizer, source="random init")
