@@ -35,7 +35,6 @@ from exlm_jax.data import vocab
 from exlm_jax.models.encoder import Encoder, ModelConfig
 from exlm_jax.run_store import (FINETUNE, TASK_FILE, RunLocation, load_tokenizer, model_config_from_run,
                                 pretrain_objective, read_json, resolve_run, restore_params, run_config)
-from exlm_jax.run_store import CONFIG_FILE  # noqa: F401  (finetune/loop.py reads it here until it uses run_store)
 
 log = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@ import dataclasses
 import pathlib
 from typing import Any
 
-from exlm_jax import api, config_lib, objectives
+from exlm_jax import config_lib, objectives, run_store
 from exlm_jax.finetune import tasks as tasks_lib
 from exlm_jax.models.encoder import ModelConfig
 
@@ -38,19 +38,19 @@ def pretrained_encoder(init_from: str, overrides: dict | None = None) -> Initial
   Pretraining runs hand over `objectives.get(objective).encoder_params(params)`; fine-tuning runs
   (intermediate-task training) their 'encoder' sub-tree. Raises ValueError on a tree mismatch.
   """
-  location = api.resolve_run(init_from)
-  raw = api.read_json(location.workdir / api.CONFIG_FILE)
-  params, step = api.restore_params(location.checkpoint_dir, location.step)
+  location = run_store.resolve_run(init_from)
+  raw = run_store.read_json(location.workdir / run_store.CONFIG_FILE)
+  params, step = run_store.restore_params(location.checkpoint_dir, location.step)
   if location.kind == "finetune":
-    objective = api.read_json(location.workdir / api.TASK_FILE)["pretrain_objective"]
+    objective = run_store.read_json(location.workdir / run_store.TASK_FILE)["pretrain_objective"]
     encoder = objectives.base.encoder_subtree(params)
   else:
     objective = raw.get("objective", "")
     encoder = objectives.get(objective).encoder_params(params)
-  model_config = api.model_config_from_run(raw, overrides)
+  model_config = run_store.model_config_from_run(raw, overrides)
   source = f"{location.checkpoint_dir}/{step}"
   check_encoder_tree(encoder, model_config, source)
-  return Initialisation(model_config, api.load_tokenizer(location.workdir), encoder, objective, step, source)
+  return Initialisation(model_config, run_store.load_tokenizer(location.workdir), encoder, objective, step, source)
 
 
 def _tokenizer_from(path: str):

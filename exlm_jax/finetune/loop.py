@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from exlm_jax import api
+from exlm_jax import run_store
 from exlm_jax.finetune import data as data_lib
 from exlm_jax.finetune import results as results_lib
 from exlm_jax.finetune import tasks as tasks_lib
@@ -241,9 +241,9 @@ def run(config, workdir: str) -> dict:
   config_out = config.to_dict()
   config_out["model"] = dataclasses.asdict(init.model_config)
   config_out["model_overrides"] = dict(config.model)
-  checkpoint.write_json(str(workdir / api.CONFIG_FILE), config_out)
+  checkpoint.write_json(str(workdir / run_store.CONFIG_FILE), config_out)
   info = task_info(config, task, init, stats)
-  checkpoint.write_json(str(workdir / api.TASK_FILE), info)
+  checkpoint.write_json(str(workdir / run_store.TASK_FILE), info)
   if jax.process_index() == 0 and not (workdir / "tokenizer").exists():
     init.tokenizer.save(workdir / "tokenizer")
 
@@ -252,7 +252,7 @@ def run(config, workdir: str) -> dict:
   for seed in config.seeds:
     done = workdir / f"seed_{seed}" / "result.json"
     if done.is_file():
-      previous = api.read_json(done)
+      previous = run_store.read_json(done)
       if previous.get("config_fingerprint") != fingerprint:
         raise ValueError(f"{done} was written with a different config; use a fresh --workdir (or delete "
                          f"{done.parent}) to fine-tune with this one")
