@@ -16,6 +16,7 @@ import dataclasses
 import gzip
 import json
 import pathlib
+import shutil
 
 import pytest
 
@@ -319,6 +320,21 @@ def test_rope2d_port_with_copy_indices(exported, inputs):
   assert max_diff_at_real(got, plain, ~pad) > 100 * TOL  # the copy index and positions do move the outputs
 
 
+def test_scanned_layers_unstack_to_the_same_encoder():
+  """A scan_layers run exports like an unrolled one: unstack_layers gives the unrolled Encoder's exact tree."""
+  cfg = ModelConfig(vocab_size=40, num_layers=3, d_model=16, num_heads=2, mlp_dim=32, scan_layers=True,
+                    dropout_rate=0.0, attention_dropout_rate=0.0)
+  tokens = jnp.asarray(np.random.default_rng(0).integers(5, 40, (2, 9)), jnp.int32)
+  scanned = random_tree(jax.eval_shape(lambda: Encoder(cfg).init(jax.random.PRNGKey(0), tokens)["params"]), 0)
+  unrolled = hf_weights.unstack_layers(scanned)
+  want = Encoder(cfg).apply({"params": scanned}, tokens)
+  got = Encoder(dataclasses.replace(cfg, scan_layers=False)).apply({"params": unrolled}, tokens)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5)
+  back = hf_weights.flatten(hf_weights.stack_layers(unrolled))
+  assert all(np.array_equal(back[k], v) for k, v in hf_weights.flatten(scanned).items()) and len(back) == len(
+      hf_weights.flatten(scanned))
+
+
 def test_relative_bucket_table_is_the_jax_one():
   for args in ((64, 16, 32), (128, 64, 128), (512, 64, 128), (512, 32, 256), (1024, 128, 256)):
     np.testing.assert_array_equal(modeling_exlm.relative_bucket_table(*args).numpy(), relative_bucket_table(*args))
@@ -519,8 +535,17 @@ def test_unsupported_architecture_missing_files_and_vocabulary_mismatch(roberta_
   assert "rope2d" in one_line(e) and str(roberta_dir) in one_line(e)
 
 
-def test_export_errors_and_cli(exported, tmp_path, capsys):
+def test_export_errors_and_cli(exported, tmp_path, capsys, text_tok):
   run_dir, export_dir, _ = exported("exlm_rope2d_preln")
+  swapped = tmp_path / "swapped"
+  shutil.copytree(run_dir, swapped)
+  shutil.rmtree(swapped / "tokenizer")
+  text_tok.save(swapped / "tokenizer")
+  with pytest.raises(ValueError) as e:
+    to_hf(swapped, tmp_path / "out")
+  assert "tokenizer" in one_line(e) and str(text_tok.vocab_size) in one_line(e)
+  assert not (tmp_path / "out").exists()
+
   with pytest.raises(FileExistsError) as e:
     to_hf(run_dir, export_dir)
   assert "--overwrite" in one_line(e)

@@ -116,13 +116,10 @@ def state_dict(params: dict, layout: str, head: str) -> dict[str, np.ndarray]:
   return state
 
 
-def _prepare_out_dir(out_dir, overwrite: bool) -> pathlib.Path:
+def _check_out_dir(out_dir, overwrite: bool) -> pathlib.Path:
   out_dir = pathlib.Path(out_dir).expanduser().absolute()
-  if out_dir.exists() and any(out_dir.iterdir()):
-    if not overwrite:
-      raise FileExistsError(f"{out_dir} exists and is not empty; pass another --out, or --overwrite to replace it")
-    shutil.rmtree(out_dir)
-  out_dir.mkdir(parents=True, exist_ok=True)
+  if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
+    raise FileExistsError(f"{out_dir} exists and is not empty; pass another --out, or --overwrite to replace it")
   return out_dir
 
 
@@ -135,7 +132,7 @@ def to_hf(workdir, out_dir, *, seed: int | None = None, overwrite: bool = False)
   import exlm_jax  # pylint: disable=g-import-not-at-top
 
   st_numpy = _require_safetensors()
-  hf_tokenizer._require_tokenizers()  # pylint: disable=protected-access
+  hf_tokenizer.require_tokenizers()
   run = exlm_jax.load(workdir, seed=seed, devices=jax.local_devices()[:1])
   model_cfg = run.model_config
   if run.tokenizer.vocab_size != model_cfg.vocab_size:
@@ -153,18 +150,24 @@ def to_hf(workdir, out_dir, *, seed: int | None = None, overwrite: bool = False)
   config["exlm_jax"] = {"objective": run.objective, "kind": run.kind, "step": int(run.step),
                         "positions": model_cfg.positions, "pre_ln": model_cfg.pre_ln}
 
-  out_dir = _prepare_out_dir(out_dir, overwrite)
-  with tempfile.TemporaryDirectory() as tmp:
-    run.tokenizer.save(tmp)
-    vocab_size = hf_tokenizer.write_hf_tokenizer(tmp, out_dir, int(run.config.get("seq_len", 512)))
-  if vocab_size != model_cfg.vocab_size:
-    raise ValueError(f"the exported tokenizer has {vocab_size} tokens, the model {model_cfg.vocab_size}")
-  state = state_dict(params, layout, head)
-  st_numpy.save_file(state, str(out_dir / WEIGHTS_FILE), metadata={"format": "pt"})
-  (out_dir / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+  out_dir = _check_out_dir(out_dir, overwrite)
+  out_dir.parent.mkdir(parents=True, exist_ok=True)
   remote = layout not in hf_weights.NATIVE_LAYOUTS
-  if remote:
-    shutil.copyfile(pathlib.Path(__file__).with_name(MODELING_FILE), out_dir / MODELING_FILE)
+  state = state_dict(params, layout, head)
   result = Export(out_dir, layout, head, config["architectures"][0], _AUTO_CLASS[head], remote, len(state))
-  (out_dir / "README.md").write_text(model_card.render(run, result, config))
+  with tempfile.TemporaryDirectory(dir=out_dir.parent, prefix=out_dir.name + ".tmp") as tmp:
+    staging = pathlib.Path(tmp)  # written completely, then moved into place: no half-written folder
+    run.tokenizer.save(staging / "exlm_tokenizer")
+    vocab_size = hf_tokenizer.write_hf_tokenizer(staging / "exlm_tokenizer", staging / "hf",
+                                                 int(run.config.get("seq_len", 512)))
+    if vocab_size != model_cfg.vocab_size:
+      raise ValueError(f"the exported tokenizer has {vocab_size} tokens, the model {model_cfg.vocab_size}")
+    st_numpy.save_file(state, str(staging / "hf" / WEIGHTS_FILE), metadata={"format": "pt"})
+    (staging / "hf" / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    if remote:
+      shutil.copyfile(pathlib.Path(__file__).with_name(MODELING_FILE), staging / "hf" / MODELING_FILE)
+    (staging / "hf" / "README.md").write_text(model_card.render(run, result))
+    if out_dir.exists():
+      shutil.rmtree(out_dir)
+    (staging / "hf").rename(out_dir)
   return result

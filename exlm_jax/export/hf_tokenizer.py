@@ -29,7 +29,7 @@ SPACE = "\u2581"
 PAD, UNK, BOS, EOS, MASK = vocab.SPECIAL_TOKENS
 
 
-def _require_tokenizers():
+def require_tokenizers():
   try:
     import tokenizers  # pylint: disable=g-import-not-at-top
   except ImportError:
@@ -63,7 +63,7 @@ def _bpe_merges(pieces: list[str], scores: list[float], normal: list[bool]) -> l
 
 
 def _from_sentencepiece(model_path: pathlib.Path):
-  tk = _require_tokenizers()
+  tk = require_tokenizers()
   proto = _spm_proto(model_path)
   pieces = [p.piece for p in proto.pieces]
   scores = [p.score for p in proto.pieces]
@@ -95,7 +95,7 @@ def _from_sentencepiece(model_path: pathlib.Path):
 
 
 def _from_smiles_regex(config: dict):
-  tk = _require_tokenizers()
+  tk = require_tokenizers()
   if config.get("regex", our_tokenizers.SMILES_REGEX) != our_tokenizers.SMILES_REGEX:
     raise ValueError("the SMILES tokenizer was saved with another regex; rebuild it with this exlm_jax")
   tokens = config["tokens"]
@@ -107,7 +107,7 @@ def _from_smiles_regex(config: dict):
 
 def load_as_hf(directory) -> "object":
   """A `tokenizers.Tokenizer` with our ids for one of our saved tokenizer folders (no specials added yet)."""
-  tk = _require_tokenizers()
+  tk = require_tokenizers()
   directory = pathlib.Path(directory)
   config_path = directory / our_tokenizers.CONFIG_FILE
   if not config_path.is_file():
@@ -135,7 +135,7 @@ def with_our_specials(tokenizer):
   normalizer (SentencePiece) it is matched in the normalised text, after the "\u2581[MASK]" -> "[MASK]" rule;
   without one it strips the whitespace on its left.
   """
-  tk = _require_tokenizers()
+  tk = require_tokenizers()
   for i, token in enumerate(vocab.SPECIAL_TOKENS):
     if tokenizer.token_to_id(token) != i:
       raise ValueError(f"the tokenizer has {token!r} at id {tokenizer.token_to_id(token)}, not {i}; "
@@ -156,6 +156,7 @@ def write_hf_tokenizer(tokenizer_dir, out_dir, model_max_length: int) -> int:
   """Writes tokenizer.json, tokenizer_config.json and special_tokens_map.json into out_dir; returns the
   vocabulary size. `model_max_length` is the run's seq_len (what `truncation=True` cuts to)."""
   out_dir = pathlib.Path(out_dir)
+  out_dir.mkdir(parents=True, exist_ok=True)
   tokenizer = with_our_specials(load_as_hf(tokenizer_dir))
   tokenizer.save(str(out_dir / "tokenizer.json"))
   special_map = {"pad_token": PAD, "unk_token": UNK, "bos_token": BOS, "eos_token": EOS, "cls_token": BOS,
@@ -238,7 +239,7 @@ class HFTokenizer:
   kind = "hf_tokenizers"
 
   def __init__(self, tokenizer_json: str, source: str = ""):
-    tk = _require_tokenizers()
+    tk = require_tokenizers()
     self._json = tokenizer_json
     self._tok = tk.Tokenizer.from_str(tokenizer_json)
     self.source = source

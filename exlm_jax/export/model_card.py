@@ -20,18 +20,20 @@ def _data_line(config) -> str:
   if not data:
     return "-"
   parts = [str(data.get(k)) for k in ("path", "tokenizer") if data.get(k)]
-  if data.get("max_examples"):
+  if (data.get("max_examples") or -1) > 0:
     parts.append(f"max_examples={data['max_examples']}")
   return ", ".join(parts) or "-"
 
 
-def _usage(export, config: dict) -> str:
+def _usage(export) -> str:
   remote = ", trust_remote_code=True" if export.trust_remote_code else ""
   out = "outputs.logits" if export.head != "encoder" else "outputs.last_hidden_state"
+  # AutoTokenizer also works, but first asks whether to run the config's remote code (either answer works).
+  tokenizer_class = "PreTrainedTokenizerFast" if export.trust_remote_code else "AutoTokenizer"
   return "\n".join([
       "```python",
-      f"from transformers import AutoTokenizer, {export.auto_class}",
-      "tokenizer = AutoTokenizer.from_pretrained(DIR)",
+      f"from transformers import {tokenizer_class}, {export.auto_class}",
+      f"tokenizer = {tokenizer_class}.from_pretrained(DIR)  # plain tokenizer.json, no remote code",
       f"model = {export.auto_class}.from_pretrained(DIR{remote}).eval()",
       "batch = tokenizer([...], padding=True, truncation=True, return_tensors='pt')",
       f"outputs = model(**batch)  # {out}",
@@ -39,8 +41,8 @@ def _usage(export, config: dict) -> str:
   ])
 
 
-def render(run, export, config: dict) -> str:
-  """Markdown for `run` (an exlm_jax LoadedModel) exported as `export` with `config` (config.json)."""
+def render(run, export) -> str:
+  """Markdown for `run` (an exlm_jax LoadedModel) exported as `export`."""
   cfg = run.model_config
   task = run.task
   lines = [
@@ -58,7 +60,7 @@ def render(run, export, config: dict) -> str:
       f"| max length | {run.config.get('seq_len', '-')} tokens (`tokenizer(..., truncation=True)` cuts there) |",
       f"| class | {export.architecture} via {export.auto_class}"
       f"{' with trust_remote_code=True (modeling_exlm.py, torch + transformers only)' if export.trust_remote_code else ', native transformers class'} |",
-      "", "## Use", "", _usage(export, config), "",
+      "", "## Use", "", _usage(export), "",
   ]
   if task:
     lines += ["## Task", "", f"Fine-tuned on **{task['name']}** ({task['task_type']}, {task['num_outputs']} output(s); "
@@ -75,9 +77,8 @@ def render(run, export, config: dict) -> str:
   lines += ["## Not exported", ""]
   if export.head == "encoder" and run.objective in _LEFT_OUT:
     lines += [_LEFT_OUT[run.objective], ""]
-  if export.layout == "roberta" or export.layout == "roberta-prelayernorm":
-    if export.head == "encoder":
-      lines += ["RobertaModel's pooler was never trained here: transformers initialises it at random (it warns); "
+  if not export.trust_remote_code and export.head == "encoder":
+    lines += ["RobertaModel's pooler was never trained here: transformers initialises it at random (it warns); "
                 "use `last_hidden_state`.", ""]
   lines += ["Token-type (segment) embeddings: none (a single zero row in RoBERTa layouts); pairs are "
             "`<s> A </s> </s> B </s>`. Dropout matches the run's config for further training.", ""]
