@@ -371,7 +371,8 @@ def test_tokenizer_parity_on_moses_and_agnews(exported, moses, agnews):
   assert assert_same_ids(export_dir, exlm_jax.load(run_dir), moses[:1000]) == 0
   run_dir, export_dir, _ = exported("mlm_absolute_preln_native")  # SentencePiece unigram, byte fallback
   text_run = exlm_jax.load(run_dir)
-  unseen = ["  two leading spaces", "tabs\tand\nnewlines", "ünïcödé ✓ 中文 😀", "The [MASK] is [MASK]old", "[MASK] x"]
+  unseen = ["  two leading spaces", "tabs\tand\nnewlines", "ünïcödé ✓ 中文 😀",  # byte fallback
+            "The [MASK] is [MASK]old", "[MASK] x"]
   ties = assert_same_ids(export_dir, text_run, agnews[:1000] + unseen)
   print(f"\nSentencePiece vs tokenizer.json: {ties} of {1000 + len(unseen)} lines differ by an exact score tie")
   assert ties <= 5

@@ -166,7 +166,8 @@ def to_hf(workdir, out_dir, *, seed: int | None = None, overwrite: bool = False)
     (staging / "hf" / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     if remote:
       shutil.copyfile(pathlib.Path(__file__).with_name(MODELING_FILE), staging / "hf" / MODELING_FILE)
-    (staging / "hf" / "README.md").write_text(model_card.render(run, result))
+    workdir = pathlib.Path(getattr(run, "path", workdir))  # the run's root, whichever path form was given
+    (staging / "hf" / "README.md").write_text(model_card.render(run, result, workdir))
     if out_dir.exists():
       shutil.rmtree(out_dir)
     (staging / "hf").rename(out_dir)

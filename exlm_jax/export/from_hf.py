@@ -89,14 +89,14 @@ def _special_ids(path: pathlib.Path, tokenizer_json: dict, config: dict) -> tupl
       ids[role], names[token] = ids_by_token[token], vocab.SPECIAL_TOKENS[list(_SPECIAL_KEYS).index(role)]
     elif isinstance(config.get(f"{role}_token_id"), int):
       ids[role] = config[f"{role}_token_id"]
-      names[tokenizer_json_token(tokenizer_json, ids[role])] = vocab.SPECIAL_TOKENS[list(_SPECIAL_KEYS).index(role)]
+      names[_token_of(tokenizer_json, ids[role])] = vocab.SPECIAL_TOKENS[list(_SPECIAL_KEYS).index(role)]
     else:
       raise ValueError(f"{path}: the tokenizer names no {role} token ({' / '.join(keys)} in tokenizer_config.json); "
                        "exlm_jax needs pad, unk, bos, eos and mask tokens")
   return ids, names
 
 
-def tokenizer_json_token(tokenizer_json: dict, token_id: int) -> str:
+def _token_of(tokenizer_json: dict, token_id: int) -> str:
   for t in tokenizer_json.get("added_tokens") or []:
     if t["id"] == token_id:
       return t["content"]

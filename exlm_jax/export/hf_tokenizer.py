@@ -105,7 +105,7 @@ def _from_smiles_regex(config: dict):
   return tokenizer
 
 
-def load_as_hf(directory) -> "object":
+def load_as_hf(directory):
   """A `tokenizers.Tokenizer` with our ids for one of our saved tokenizer folders (no specials added yet)."""
   tk = require_tokenizers()
   directory = pathlib.Path(directory)
@@ -176,9 +176,10 @@ def write_hf_tokenizer(tokenizer_dir, out_dir, model_max_length: int) -> int:
 
 def our_ids_from(hf_special_ids: dict[str, int], vocab_size: int) -> list[int]:
   """`order[our_id] = their_id`: their <pad> <unk> <s> </s> <mask> first, then every other id ascending."""
-  head = [hf_special_ids[name] for name in ("pad", "unk", "bos", "eos", "mask")]
+  roles = ("pad", "unk", "bos", "eos", "mask")
+  head = [hf_special_ids[name] for name in roles]
   if len(set(head)) != len(head):
-    raise ValueError(f"the tokenizer's special tokens share ids ({dict(zip(('pad', 'unk', 'bos', 'eos', 'mask'), head))}); "
+    raise ValueError(f"the tokenizer's special tokens share ids ({dict(zip(roles, head))}); "
                      "each of pad, unk, bos, eos and mask needs its own id")
   taken = set(head)
   return head + [i for i in range(vocab_size) if i not in taken]

@@ -25,6 +25,12 @@ def _data_line(config) -> str:
   return ", ".join(parts) or "-"
 
 
+def _how_loaded(export) -> str:
+  if export.trust_remote_code:
+    return " with trust_remote_code=True (modeling_exlm.py, torch + transformers only)"
+  return ", a native transformers class"
+
+
 def _usage(export) -> str:
   remote = ", trust_remote_code=True" if export.trust_remote_code else ""
   out = "outputs.logits" if export.head != "encoder" else "outputs.last_hidden_state"
@@ -41,14 +47,14 @@ def _usage(export) -> str:
   ])
 
 
-def render(run, export) -> str:
-  """Markdown for `run` (an exlm_jax LoadedModel) exported as `export`."""
+def render(run, export, workdir) -> str:
+  """Markdown for `run` (an exlm_jax LoadedModel of `workdir`) exported as `export`."""
   cfg = run.model_config
   task = run.task
   lines = [
       "---", "library_name: transformers", f"tags: [exlm_jax, {run.objective or 'scratch'}]", "---", "",
-      f"# {run.path.name} ({export.architecture})", "",
-      f"Exported by `python -m exlm_jax.export` from the exlm_jax {run.kind} run `{run.path}` at step {run.step}.", "",
+      f"# {workdir.name} ({export.architecture})", "",
+      f"Exported by `python -m exlm_jax.export` from the exlm_jax {run.kind} run `{workdir}` at step {run.step}.", "",
       "| | |", "|---|---|",
       f"| objective | {run.objective or 'none (fine-tuned from random init)'} |",
       f"| data | {_data_line(run.config)} |",
@@ -58,8 +64,7 @@ def render(run, export) -> str:
       f"{'yes' if cfg.embed_layernorm else 'no'}, LayerNorm eps {cfg.layernorm_eps:g} |",
       f"| vocabulary | {cfg.vocab_size} ({run.tokenizer.kind}); <pad>=0 <unk>=1 <s>=2 </s>=3 [MASK]=4 |",
       f"| max length | {run.config.get('seq_len', '-')} tokens (`tokenizer(..., truncation=True)` cuts there) |",
-      f"| class | {export.architecture} via {export.auto_class}"
-      f"{' with trust_remote_code=True (modeling_exlm.py, torch + transformers only)' if export.trust_remote_code else ', native transformers class'} |",
+      f"| class | {export.architecture} via {export.auto_class}{_how_loaded(export)} |",
       "", "## Use", "", _usage(export), "",
   ]
   if task:
@@ -82,7 +87,7 @@ def render(run, export) -> str:
                 "use `last_hidden_state`.", ""]
   lines += ["Token-type (segment) embeddings: none (a single zero row in RoBERTa layouts); pairs are "
             "`<s> A </s> </s> B </s>`. Dropout matches the run's config for further training.", ""]
-  run_card = run.path / RUN_CARD_FILE
+  run_card = workdir / RUN_CARD_FILE
   if run_card.is_file():
     lines += ["## Run card", "", "```json", json.dumps(json.loads(run_card.read_text()), indent=2), "```", ""]
   return "\n".join(lines)
