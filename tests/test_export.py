@@ -427,7 +427,7 @@ def roberta_dir(tmp_path_factory, agnews):
   return path
 
 
-def test_from_hf_round_trip(roberta_dir, agnews, tmp_path, monkeypatch):
+def test_from_hf_round_trip(roberta_dir, agnews, tmp_path):
   hf = from_hf.load_encoder(roberta_dir)
   assert hf.model["positions"] == "absolute" and hf.model["max_positions"] == 40 and not hf.model["pre_ln"]
   texts = agnews[:8]
@@ -461,7 +461,6 @@ def test_from_hf_round_trip(roberta_dir, agnews, tmp_path, monkeypatch):
   save_checkpoint(run / "checkpoints", {"encoder": hf.encoder, "lm_head": hf.lm_head})
   (run / "config.json").write_text(json.dumps(config.to_dict()))
   hf.tokenizer.save(run / "tokenizer")
-  monkeypatch.setattr(tokenizers, "load", hf_tokenizer.load_tokenizer)  # the run-store's loader, with kind hf_tokenizers
   result = to_hf(run, tmp_path / "again")
   assert result.architecture == "RobertaForMaskedLM" and not result.trust_remote_code
   again_ids, again_mask = hf_batch(tmp_path / "again", texts)

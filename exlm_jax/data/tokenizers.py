@@ -359,6 +359,9 @@ def load(directory: str | os.PathLike) -> Tokenizer:
   if kind in ("sentencepiece", "smiles_bpe"):
     proto = (directory / config["model_file"]).read_bytes()
     return SentencePieceTokenizer(proto, kind=kind, train_stats=config.get("train_stats"))
+  if kind == "hf_tokenizers":  # a run started from a Hugging Face checkpoint (init_from=hf:...; the .[hf] extra)
+    from exlm_jax.export import hf_tokenizer  # pylint: disable=g-import-not-at-top
+    return hf_tokenizer.HFTokenizer.load(directory)
   raise ValueError(f"{config_path} names unknown tokenizer kind {kind!r}; expected one of {KINDS}")
 
 

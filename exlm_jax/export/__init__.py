@@ -27,18 +27,16 @@ import tempfile
 
 import numpy as np
 
+from exlm_jax import objectives
 from exlm_jax.data import vocab
 from exlm_jax.export import hf_tokenizer, hf_weights, model_card
 
 MODELING_FILE = "modeling_exlm.py"
 WEIGHTS_FILE = "model.safetensors"
-# Objectives whose LM head reads the encoder's output at a [MASK] of the unchanged input, i.e. whose
-# prediction rule is exactly a masked-LM model's. MAE-LM decodes, ExLM and repeated-MLM expand the input.
-MASKED_LM_OBJECTIVES = ("mlm",)
 TASK_PROBLEM_TYPES = {"classification": "single_label_classification", "regression": "regression",
                       "multitask_binary": "multi_label_classification"}
 
-_NATIVE_CLASS_PREFIX = {"roberta": "Roberta", "roberta-prelayernorm": "RobertaPreLayerNorm", "exlm": "Exlm"}
+_NATIVE_CLASS_PREFIX = {"roberta": "Roberta", "roberta-prelayernorm": "RobertaPreLayerNorm", "exlm_jax": "Exlm"}
 _HEAD_SUFFIX = {"encoder": "Model", "masked_lm": "ForMaskedLM", "sequence_classification": "ForSequenceClassification"}
 _AUTO_CLASS = {"encoder": "AutoModel", "masked_lm": "AutoModelForMaskedLM",
                "sequence_classification": "AutoModelForSequenceClassification"}
@@ -68,7 +66,7 @@ def _require_safetensors():
 def head_for(kind: str, objective: str | None) -> str:
   if kind == "finetune":
     return "sequence_classification"
-  return "masked_lm" if objective in MASKED_LM_OBJECTIVES else "encoder"
+  return "masked_lm" if objective and objectives.get(objective).exports_masked_lm else "encoder"
 
 
 def hf_config(model_cfg, layout: str, head: str, dropout: float, attention_dropout: float) -> dict:
@@ -86,7 +84,7 @@ def hf_config(model_cfg, layout: str, head: str, dropout: float, attention_dropo
   auto_map = {"AutoConfig": "modeling_exlm.ExlmConfig", "AutoModel": "modeling_exlm.ExlmModel"}
   if head != "encoder":
     auto_map[_AUTO_CLASS[head]] = f"modeling_exlm.{architecture}"
-  return dict(architectures=[architecture], model_type="exlm", auto_map=auto_map, **common,
+  return dict(architectures=[architecture], model_type="exlm_jax", auto_map=auto_map, **common,
               pre_layer_norm=model_cfg.pre_ln, embedding_layer_norm=model_cfg.embed_layernorm,
               position_scheme=model_cfg.positions, max_positions=model_cfg.max_positions,
               relative_position_bins=model_cfg.rel_pos_bins, max_relative_distance=model_cfg.max_rel_pos,

@@ -26,7 +26,7 @@ import numpy as np
 from exlm_jax.data import vocab
 from exlm_jax.export import hf_tokenizer, hf_weights
 
-SUPPORTED_MODEL_TYPES = ("roberta", "roberta-prelayernorm", "exlm")
+SUPPORTED_MODEL_TYPES = ("roberta", "roberta-prelayernorm", "exlm_jax")
 _SPECIAL_KEYS = {"pad": ("pad_token",), "unk": ("unk_token",), "bos": ("bos_token", "cls_token"),
                  "eos": ("eos_token", "sep_token"), "mask": ("mask_token",)}
 
@@ -122,11 +122,11 @@ def model_fields(config: dict, path: pathlib.Path) -> tuple[dict, str]:
   common = dict(num_layers=int(config["num_hidden_layers"]), d_model=int(config["hidden_size"]),
                 num_heads=int(config["num_attention_heads"]), mlp_dim=int(config["intermediate_size"]),
                 layernorm_eps=float(config.get("layer_norm_eps", 1e-12)))
-  if model_type == "exlm":
+  if model_type == "exlm_jax":
     return dict(common, pre_ln=bool(config["pre_layer_norm"]), positions=config["position_scheme"],
                 embed_layernorm=bool(config["embedding_layer_norm"]), max_positions=int(config["max_positions"]),
                 rel_pos_bins=int(config["relative_position_bins"]),
-                max_rel_pos=int(config["max_relative_distance"]), rope_theta=float(config["rope2d_theta"])), "exlm"
+                max_rel_pos=int(config["max_relative_distance"]), rope_theta=float(config["rope2d_theta"])), "exlm_jax"
   problems = []
   if config.get("hidden_act", "gelu") != "gelu":
     problems.append(f"hidden_act={config['hidden_act']!r} (our encoder uses the exact 'gelu')")

@@ -222,18 +222,6 @@ def renumber(tokenizer_json: dict, order: list[int], names: dict[str, str]) -> d
   return data
 
 
-def load_tokenizer(directory):
-  """Any tokenizer folder: kind 'hf_tokenizers' here, the others by exlm_jax.data.tokenizers.load."""
-  directory = pathlib.Path(directory)
-  config_path = directory / our_tokenizers.CONFIG_FILE
-  if config_path.is_file() and json.loads(config_path.read_text()).get("kind") == HFTokenizer.kind:
-    return HFTokenizer.load(directory)
-  return _LOAD_OURS(directory)
-
-
-_LOAD_OURS = our_tokenizers.load
-
-
 class HFTokenizer:
   """A Hugging Face `tokenizers.Tokenizer` whose ids are already ours (our Tokenizer protocol)."""
 

@@ -5,7 +5,7 @@ Three layouts:
                               absolute positions (positions=absolute, embed_layernorm=True, pre_ln=False);
   * 'roberta-prelayernorm' -- transformers' RobertaPreLayerNormModel: the same with pre-LN blocks and a final
                               LayerNorm (pre_ln=True);
-  * 'exlm'                 -- the modeling file shipped in every exported folder (modeling_exlm.py), whose
+  * 'exlm_jax'              -- the modeling file shipped in every exported folder (modeling_exlm.py), whose
                               module names mirror our tree, for every other encoder (rope2d, absolute+relbias,
                               no embedding LayerNorm).
 
@@ -25,16 +25,16 @@ import re
 import numpy as np
 
 NATIVE_LAYOUTS = ("roberta", "roberta-prelayernorm")
-LAYOUTS = (*NATIVE_LAYOUTS, "exlm")
+LAYOUTS = (*NATIVE_LAYOUTS, "exlm_jax")
 # The attribute that holds the encoder inside transformers' task models (`base_model_prefix`).
-BASE_PREFIX = {"roberta": "roberta", "roberta-prelayernorm": "roberta_prelayernorm", "exlm": "exlm"}
+BASE_PREFIX = {"roberta": "roberta", "roberta-prelayernorm": "roberta_prelayernorm", "exlm_jax": "exlm_jax"}
 
 
 def layout_for(model_cfg) -> str:
-  """'roberta' / 'roberta-prelayernorm' when the encoder is exactly that transformers class, else 'exlm'."""
+  """'roberta' / 'roberta-prelayernorm' when the encoder is exactly that transformers class, else 'exlm_jax'."""
   if model_cfg.positions == "absolute" and model_cfg.embed_layernorm:
     return "roberta-prelayernorm" if model_cfg.pre_ln else "roberta"
-  return "exlm"
+  return "exlm_jax"
 
 
 def roberta_position_offset(pad_token_id: int) -> int:
@@ -132,11 +132,11 @@ def _transform(path: tuple[str, ...], layout: str, pad_token_id: int):
 def hf_name(path: tuple[str, ...], layout: str) -> str:
   """Our Encoder-tree path (e.g. ('stack', 'layer_0', 'mlp', 'wi', 'kernel')) -> its state-dict key."""
   if path == ("rel_bias",):
-    if layout != "exlm":
+    if layout != "exlm_jax":
       raise ValueError("a relative position bias has no place in a RoBERTa state dict")
     return "rel_bias"
   module, leaf = path[:-1], _LEAF[path[-1]]
-  if layout == "exlm":  # modeling_exlm.py mirrors our tree: stack/layer_i/... -> layers.i....
+  if layout == "exlm_jax":  # modeling_exlm.py mirrors our tree: stack/layer_i/... -> layers.i....
     if module[:1] == ("stack",):
       module = module[1:]
       if module[0].startswith("layer_"):

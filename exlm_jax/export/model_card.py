@@ -4,15 +4,10 @@ from __future__ import annotations
 
 import json
 
+from exlm_jax import objectives
+
 RUN_CARD_FILE = "run_card.json"
 
-_LEFT_OUT = {
-    "maelm": "MAE-LM predicts masked tokens with its decoder on top of this encoder; the decoder and LM head are "
-             "not exported, so this folder gives encoder states (for fine-tuning / features), not mask filling.",
-    "exlm": "ExLM predicts a [MASK] by expanding it into k copies (2-D RoPE copy index) and reading them with "
-            "its LM and transition heads; those heads are not exported. The encoder runs with copy index 0 "
-            "(no expansion), exactly as exlm_jax fine-tunes it.",
-}
 
 
 def _data_line(config) -> str:
@@ -80,8 +75,9 @@ def render(run, export, workdir) -> str:
     else:
       lines += ["`logits` are class logits: apply a softmax for probabilities.", ""]
   lines += ["## Not exported", ""]
-  if export.head == "encoder" and run.objective in _LEFT_OUT:
-    lines += [_LEFT_OUT[run.objective], ""]
+  note = objectives.get(run.objective).export_note if run.objective else ""
+  if export.head == "encoder" and note:
+    lines += [note, ""]
   if not export.trust_remote_code and export.head == "encoder":
     lines += ["RobertaModel's pooler was never trained here: transformers initialises it at random (it warns); "
                 "use `last_hidden_state`.", ""]

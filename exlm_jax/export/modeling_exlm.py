@@ -32,7 +32,7 @@ from transformers.modeling_outputs import BaseModelOutput, MaskedLMOutput, Seque
 
 
 class ExlmConfig(PreTrainedConfig):
-  model_type = "exlm"
+  model_type = "exlm_jax"
 
   vocab_size: int = 0
   hidden_size: int = 256
@@ -159,7 +159,7 @@ class ExlmLayer(nn.Module):
 class ExlmPreTrainedModel(PreTrainedModel):
   config_class = ExlmConfig
   config: ExlmConfig
-  base_model_prefix = "exlm"
+  base_model_prefix = "exlm_jax"
   _supports_sdpa = True
 
   def _init_weights(self, module):
@@ -255,13 +255,13 @@ class ExlmLMHead(nn.Module):
 class ExlmForMaskedLM(ExlmPreTrainedModel):
   def __init__(self, config: ExlmConfig):
     super().__init__(config)
-    self.exlm = ExlmModel(config)
+    self.exlm_jax = ExlmModel(config)
     self.lm_head = ExlmLMHead(config)
     self.post_init()
 
   def forward(self, input_ids, attention_mask=None, labels=None, **kwargs):
-    out = self.exlm(input_ids, attention_mask=attention_mask, **kwargs)
-    logits = self.lm_head(out.last_hidden_state, self.exlm.token_embed.weight)
+    out = self.exlm_jax(input_ids, attention_mask=attention_mask, **kwargs)
+    logits = self.lm_head(out.last_hidden_state, self.exlm_jax.token_embed.weight)
     loss = None
     if labels is not None:
       loss = F.cross_entropy(logits.view(-1, logits.shape[-1]), labels.view(-1), ignore_index=-100)
@@ -288,12 +288,12 @@ class ExlmForSequenceClassification(ExlmPreTrainedModel):
 
   def __init__(self, config: ExlmConfig):
     super().__init__(config)
-    self.exlm = ExlmModel(config)
+    self.exlm_jax = ExlmModel(config)
     self.classifier = ExlmClassificationHead(config)
     self.post_init()
 
   def forward(self, input_ids, attention_mask=None, labels=None, **kwargs):
-    out = self.exlm(input_ids, attention_mask=attention_mask, **kwargs)
+    out = self.exlm_jax(input_ids, attention_mask=attention_mask, **kwargs)
     logits = self.classifier(out.last_hidden_state)
     loss = None
     if labels is not None:

@@ -101,6 +101,9 @@ class Objective:
     mask_slots (B, P)) -> (B, P, V) logits of the fillers (`masked_log_probs_fn`); None = no prediction rule.
   rank_groups: what effective_rank measures; None = not supported.
   dag: the DAG analyses; None = the objective has no aligned states.
+  exports_masked_lm: its prediction rule is a plain masked-LM head on the encoder (exported as
+    `...ForMaskedLM`); False = the encoder is exported alone and `export_note` says what is left out.
+  export_note: the model card's sentence on what the exported encoder cannot do without this objective.
   """
 
   name: str
@@ -114,6 +117,8 @@ class Objective:
   masked_log_probs: Callable[..., Callable] | None = None
   rank_groups: RankGroups | None = None
   dag: DagAnalysis | None = None
+  exports_masked_lm: bool = False
+  export_note: str = ""
 
   def __post_init__(self):
     if self.encoder_params is None:

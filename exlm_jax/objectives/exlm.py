@@ -532,4 +532,7 @@ OBJECTIVE = base.register(base.Objective(
     name="exlm", title="ExLM", make_model=make_model, encoder_params=encoder_params, validate=validate,
     default_config=default_config, copies_option="num_copies", flops=train_flops,
     masked_log_probs=masked_log_probs, rank_groups=base.RankGroups(rank_groups, {"clean_input": "encoder_clean/real"}),
-    dag=base.DagAnalysis(align=ExLMModel.alignment, block_length=analysis_block_length)))
+    dag=base.DagAnalysis(align=ExLMModel.alignment, block_length=analysis_block_length),
+    export_note=("ExLM predicts a [MASK] by expanding it into k copies (2-D RoPE copy index) and reading them "
+                 "with its LM and transition heads; those heads are not exported. The encoder runs with copy "
+                 "index 0 (no expansion), exactly as exlm_jax fine-tunes it.")))

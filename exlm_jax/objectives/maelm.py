@@ -386,4 +386,7 @@ def rank_groups(hidden_states, tokens: np.ndarray, selection) -> dict:
 OBJECTIVE = base.register(base.Objective(
     name="maelm", title="MAE-LM", make_model=make_model, encoder_params=encoder_params, validate=validate,
     default_config=default_config, flops=train_flops, masked_log_probs=masked_log_probs,
-    rank_groups=base.RankGroups(rank_groups, headline={"clean_input": "encoder_clean/real"})))
+    rank_groups=base.RankGroups(rank_groups, headline={"clean_input": "encoder_clean/real"}),
+    export_note=("MAE-LM predicts masked tokens with its decoder on top of this encoder; the decoder and LM head "
+                 "are not exported, so this folder gives encoder states (for fine-tuning / features), not mask "
+                 "filling.")))
