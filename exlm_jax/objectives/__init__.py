@@ -5,7 +5,7 @@ An objective is an `Objective` (see `base.py`): a Linen model factory, a pure lo
 encoder-only hand-off used by fine-tuning.
 """
 
-from exlm_jax.objectives.base import Objective, get, names, register  # noqa: F401
+from exlm_jax.objectives.base import Objective, get, names, register, with_defaults  # noqa: F401
 
 # Import the built-in objectives so they register themselves.
 from exlm_jax.objectives import exlm, maelm, mlm, repeated_mlm  # noqa: F401,E402

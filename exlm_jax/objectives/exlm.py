@@ -42,29 +42,19 @@ POSITIONS = ("rope2d", "rope1d_shared")
 CTC_BLANK = vocab.UNK  # the official CTC variant's blank is <unk>
 
 
-def default_config(**overrides) -> ml_collections.ConfigDict:
-  """The `config.exlm` knobs; absent keys fall back to these."""
-  cfg = ml_collections.ConfigDict(dict(
-      num_copies=4,  # k: states per expanded group (`--ext-state-num`); 1 = one state per target
-      transitions="dag",  # "dag" | "ctc" (ablation "w/o transitions")
-      positions="rope2d",  # "rope2d" | "rope1d_shared" (ablation "w/o 2D RoPE": copy index 0)
-      max_transition_length=-1,  # largest vertex-index jump u -> v (sparse DAG); -1 = unlimited
-      max_link_positions=-1,  # rows of the link head's slot table; -1 = the expanded-length bound
-  ))
-  cfg.update(overrides)
-  return cfg
+# `config.exlm`: a config writes only what it changes; `options(config)` merges these defaults over it.
+DEFAULTS = dict(
+    num_copies=4,  # k: states per expanded group (`--ext-state-num`); 1 = one state per target
+    transitions="dag",  # "dag" | "ctc" (ablation "w/o transitions")
+    positions="rope2d",  # "rope2d" | "rope1d_shared" (ablation "w/o 2D RoPE": copy index 0)
+    max_transition_length=-1,  # largest vertex-index jump u -> v (sparse DAG); -1 = unlimited
+    max_link_positions=-1,  # rows of the link head's slot table; -1 = the expanded-length bound
+)
 
 
 def options(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """`config.exlm` merged over `default_config()`; unknown keys are an error."""
-  opts = default_config()
-  given = config.get("exlm", None)
-  if given is not None:
-    unknown = sorted(set(given) - set(opts))
-    if unknown:
-      raise ValueError(f"unknown config.exlm keys {unknown}; known: {', '.join(sorted(opts))}")
-    opts.update(dict(given))
-  return opts
+  """`config.exlm` merged over `DEFAULTS`; unknown keys are an error."""
+  return base.read_options(config, "exlm", DEFAULTS)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -429,4 +419,4 @@ def encoder_params(params, config: ml_collections.ConfigDict | None = None):
 
 
 OBJECTIVE = base.register(base.Objective(
-    name="exlm", make_model=make_model, encoder_params=encoder_params, validate=validate))
+    name="exlm", make_model=make_model, encoder_params=encoder_params, validate=validate, options=options))

@@ -72,9 +72,19 @@ class MLMModel(nn.Module):
     return self.lm_head(gathered, self.encoder.embedding)
 
 
+# `config.mlm`: a config writes only what it changes; `options(config)` merges these defaults over it.
+DEFAULTS = dict(
+    bert_corruption=False,  # BERT's 80 % [MASK] / 10 % random token / 10 % unchanged instead of 100 % [MASK]
+)
+
+
+def options(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """`config.mlm` merged over `DEFAULTS`; unknown keys are an error."""
+  return base.read_options(config, "mlm", DEFAULTS)
+
+
 def make_model(config: ml_collections.ConfigDict, deterministic: bool) -> MLMModel:
-  return MLMModel(base.model_config(config), config.mask_prob,
-                  bool(config.get("mlm", {}).get("bert_corruption", False)), deterministic)
+  return MLMModel(base.model_config(config), config.mask_prob, bool(options(config).bert_corruption), deterministic)
 
 
-OBJECTIVE = base.register(base.Objective(name="mlm", make_model=make_model))
+OBJECTIVE = base.register(base.Objective(name="mlm", make_model=make_model, options=options))

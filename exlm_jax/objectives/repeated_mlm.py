@@ -106,16 +106,21 @@ class RepeatedMLMModel(nn.Module):
     return loss_sum, count, metrics
 
 
-def default_config(**overrides) -> ml_collections.ConfigDict:
-  """`config.repeated_mlm`: num_copies k and which masked copies the loss covers."""
-  cfg = ml_collections.ConfigDict({"num_copies": 2, "loss": "masked"})
-  cfg.update(overrides)
-  return cfg
+# `config.repeated_mlm`: a config writes only what it changes; `options(config)` merges these defaults over it.
+DEFAULTS = dict(
+    num_copies=2,  # k copies of every content token
+    loss="masked",  # which masked copies the loss covers: "masked" (every one) | "lost" (all k copies masked)
+)
+
+
+def options(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """`config.repeated_mlm` merged over `DEFAULTS`; unknown keys are an error."""
+  return base.read_options(config, "repeated_mlm", DEFAULTS)
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
   """Raises a one-line ValueError for a Repeated-MLM config that cannot work."""
-  opts = config.get("repeated_mlm", default_config())
+  opts = options(config)
   if not isinstance(opts.num_copies, int) or opts.num_copies < 1:
     raise ValueError(f"repeated_mlm.num_copies={opts.num_copies!r}: need an integer k >= 1")
   if opts.loss not in LOSSES:
@@ -124,9 +129,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
 
 def make_model(config: ml_collections.ConfigDict, deterministic: bool) -> RepeatedMLMModel:
   validate(config)
-  opts = config.get("repeated_mlm", default_config())
+  opts = options(config)
   return RepeatedMLMModel(base.model_config(config), float(config.mask_prob), int(opts.num_copies), opts.loss,
                           deterministic)
 
 
-OBJECTIVE = base.register(base.Objective(name="repeated_mlm", make_model=make_model, validate=validate))
+OBJECTIVE = base.register(base.Objective(name="repeated_mlm", make_model=make_model, validate=validate,
+                                         options=options))
