@@ -35,9 +35,10 @@ import time
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 
-from exlm_jax import config_lib
+from exlm_jax import config_lib, objectives
 from exlm_jax.data import vocab
 from exlm_jax.objectives import dag, masking
 from exlm_jax.train import flops, partitioning, steps
@@ -50,32 +51,25 @@ DEFAULT_VOCAB = {"tiny": 1000, "small": 8000, "base": 32768, "large": 32768}
 
 
 def apply_overrides(config, overrides: list[str]):
-  """`--set a.b=value` overrides; keys under another objective's block are skipped for this row."""
+  """`--set a.b=value` overrides, typed like the current value; the row's objective block holds every option
+  (its defaults merged in), and keys under another objective's block are skipped for this row."""
+  config = objectives.with_defaults(config)
   for item in overrides:
     key, sep, text = item.partition("=")
     if not sep:
       raise ValueError(f"--set {item!r}: expected dotted.key=value, e.g. --set model.remat=full")
-    *parents, leaf = key.split(".")
-    if parents and parents[0] in OBJECTIVES and parents[0] != config.objective:
+    section = key.split(".")[0]
+    if section in objectives.names() and section != config.objective:
       continue
-    node = config
-    for name in parents:
-      node = node[name]
-    if leaf not in node:
-      raise ValueError(f"--set {item!r}: config has no key {key!r}")
-    node[leaf] = config_lib.typed_like(node[leaf], text, f"--set {key}")
+    config_lib.override(config, key, text, "--set ")
   return config
 
 
 def make_config(objective: str, k: int | None, overrides: list[str], args):
   """The pretraining config of one benchmark row."""
   config = config_lib.pretrain_config(objective, args.size)
-  if objective == "maelm":
-    from exlm_jax.objectives import maelm  # pylint: disable=g-import-not-at-top
-    config.maelm = maelm.default_config()
   if objective == "exlm":
-    from exlm_jax.objectives import exlm  # pylint: disable=g-import-not-at-top
-    config.exlm = exlm.default_config(num_copies=k)
+    config.exlm = ml_collections.ConfigDict(dict(num_copies=k))
   config.model.update(vocab_size=args.vocab or DEFAULT_VOCAB[args.size], dtype=args.dtype, remat=args.remat)
   config.seq_len, config.batch_size = args.seq_len, args.batch
   config.warmup_steps = 1

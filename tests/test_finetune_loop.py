@@ -1,10 +1,8 @@
 """Fine-tuning: masked multi-task BCE, end-to-end runs on real BBBP and SST-2 from tiny pretraining
 checkpoints (MLM on SMILES, MAE-LM on text), the encoder hand-off's loud failures, configs and sweeps."""
 
-import importlib.util
 import json
 import logging
-import pathlib
 
 import flax.linen as nn
 import jax
@@ -14,6 +12,7 @@ import pandas as pd
 import pytest
 
 import exlm_jax
+from exlm_jax import config_lib
 from exlm_jax.data import tokenizers, vocab
 from exlm_jax.finetune import loop
 from exlm_jax.finetune import model as model_lib
@@ -24,14 +23,8 @@ from exlm_jax.objectives import exlm, maelm
 
 from test_api import make_pretraining_workdir  # pylint: disable=wrong-import-order
 
-CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
-
-
 def load_config_module(name: str):
-  spec = importlib.util.spec_from_file_location(name, CONFIGS / f"{name}.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return config_lib.load_module(f"configs/{name}.py")
 
 
 # ----------------------------------------------------------------------------------------------

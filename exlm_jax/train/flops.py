@@ -158,8 +158,7 @@ def _mlm(config, remat: tuple) -> Breakdown:
 def _maelm(config, remat: tuple) -> Breakdown:
   from exlm_jax.objectives import maelm, masking  # pylint: disable=g-import-not-at-top
   m, n = _model(config), config.seq_len
-  knobs = maelm.default_config()
-  knobs.update(dict(config.get("maelm", {}) or {}))
+  knobs = maelm.options(config)
   pick = lambda value, default: default if value == -1 else int(value)
   dec_d = pick(knobs.decoder_dim, m.d_model)
   dec_ffn = pick(knobs.decoder_mlp_dim, m.mlp_dim)
