@@ -321,7 +321,7 @@ def _config_fields(data_cfg) -> dict[str, Any]:
   if kind not in ("smiles", "text"):
     raise ValueError(f"config.data.name={kind!r}; choose 'smiles' or 'text'")
   eval_path = data_cfg.get("eval_path", "") or ""
-  fraction = float(data_cfg.get("eval_fraction", 0.0))
+  fraction = float(data_cfg.eval_fraction)
   if not eval_path and not 0.0 <= fraction < 1.0:
     raise ValueError(f"config.data.eval_fraction={fraction} must be in [0, 1)")
   return dict(
