@@ -69,10 +69,6 @@ USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, FileExistsErro
 OVERRIDE_PREFIX = "--config."
 
 
-def _fail(message: str) -> None:
-  sys.exit(f"error: {message} (rerun with --traceback for the full trace)")
-
-
 def parse_flags(argv: list[str]) -> list[str]:
   """absl's flags (a parsing error is one line); `--config.<key>=<value>` overrides pass through to main."""
   overrides = [arg for arg in argv[1:] if arg.startswith(OVERRIDE_PREFIX)]
@@ -106,16 +102,16 @@ def _override(config, overrides: list[str]):
 
 
 def main(argv):
-  unexpected = [arg for arg in argv[1:] if not arg.startswith(OVERRIDE_PREFIX)]
+  overrides = [arg for arg in argv[1:] if arg.startswith(OVERRIDE_PREFIX)]
   try:
-    if unexpected:
-      raise ValueError(f"unexpected arguments {unexpected}; flags are --name=value")
-    config = load_config(FLAGS.config, [arg for arg in argv[1:] if arg.startswith(OVERRIDE_PREFIX)])
+    config = load_config(FLAGS.config, overrides)
+    if len(argv) > 1 + len(overrides):
+      raise ValueError(f"unexpected arguments {[a for a in argv[1:] if a not in overrides]}; flags are --name=value")
     _run(config)
   except USER_ERRORS as e:
     if FLAGS.traceback:
       raise
-    _fail(f"{type(e).__name__}: {e}")
+    sys.exit(f"error: {type(e).__name__}: {e} (rerun with --traceback for the full trace)")
 
 
 def _run(config) -> None:

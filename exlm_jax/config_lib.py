@@ -33,10 +33,6 @@ MODEL_SIZES = {
     "base": (12, 768, 12, 3072),
     "large": (24, 1024, 16, 4096),
 }
-# Longest block (model.max_positions) by position scheme: RoPE has no table, 2048 is the ExLM reference's
-# --max-positions; the learned tables (absolute, absolute+relbias) default to BERT's 512 rows.
-MAX_POSITIONS = {"rope2d": 2048}
-TABLE_MAX_POSITIONS = 512
 # The sharding fields of a pretraining config and their defaults (train/partitioning.py falls back to
 # them for configs without these fields, e.g. fine-tuning).
 SHARDING = dict(
@@ -153,7 +149,9 @@ def model_config(size: str = "small", **overrides) -> ml_collections.ConfigDict:
       pre_ln=True,  # ExLM: pre-LN + final LN; MAE-LM: post-LN
       positions=positions,  # "rope2d" | "absolute+relbias" | "absolute"
       embed_layernorm=False,  # MAE-LM has one; the ExLM encoder does not
-      max_positions=MAX_POSITIONS.get(positions, TABLE_MAX_POSITIONS),  # seq_len <= this, for every scheme
+      # The longest block (seq_len <= this for every scheme); for learned positions also the table size.
+      # RoPE has no table: 2048 as the ExLM reference's --max-positions; learned tables: BERT's 512 rows.
+      max_positions=2048 if positions == "rope2d" else 512,
       rel_pos_bins=64,
       max_rel_pos=128,
       rope_theta=10000.0,
@@ -314,10 +312,10 @@ def split_spec(spec: str) -> tuple[str, str | None]:
   return (path + ".py", arg) if sep else (str(spec), None)
 
 
-def load(spec: str, relative_to: str | os.PathLike | None = None) -> ml_collections.ConfigDict:
+def load(spec: str) -> ml_collections.ConfigDict:
   """The ConfigDict of `get_config(arg)` for 'path/to/config.py[:arg]' (the path as in `load_module`)."""
   path, arg = split_spec(spec)
-  module = load_module(path, relative_to)
+  module = load_module(path)
   if not hasattr(module, "get_config"):
     raise ValueError(f"config file {path} defines no get_config(arg)")
   config = module.get_config() if arg is None else module.get_config(arg)
