@@ -3,6 +3,7 @@
   python main.py --config configs/exlm_smiles_small.py --workdir runs/exlm_smiles_small
   python main.py --config configs/exlm_smiles_small.py:size=tiny --config.total_steps=3 --workdir /tmp/exlm_tiny
   python main.py --config configs/exlm_smiles_small.py:k=2,transitions=ctc --workdir runs/exlm_smiles_ctc
+  python launch/sweep.py --config configs/exlm_smiles_small.py:size=tiny --sweep_arg sweep=ablations --workdir runs/abl
 
 Arguments: size=small|tiny (tiny: 2-layer width-32 encoder, 2000 molecules: for tests), k (states per
 expanded group), transitions=dag|ctc, positions=rope2d|rope1d_shared, max_examples.
