@@ -2,10 +2,14 @@
 
   python main.py --config configs/quickstart.py --workdir runs/quickstart
   python main.py --config configs/exlm_smiles_small.py:size=tiny --config.total_steps=20 --workdir runs/x
-  python main.py --config configs/mlm_base.py --workdir runs/mlm --mode=compile_only --fake_devices=8
+  python main.py --config configs/mlm_smiles_small.py --workdir runs/mlm --mode=compile_only --fake_devices=8
 
 Pretraining configs (they have `objective`) run `exlm_jax.train.loop.train_and_evaluate`;
 fine-tuning configs (they have `finetune`) run `exlm_jax.finetune.loop.run`.
+`--config FILE[:arg]` is loaded by `exlm_jax.config_lib.load`; `--config.<dotted.key>=<value>` then sets
+any field, typed like its current value (tuples as `'(0, 1)'`), including every option of the
+objective's block (`--config.exlm.transitions=ctc`: its defaults are merged in first). A bad config,
+a mistyped key or a missing file is one line `error: ...` (`--traceback` shows the trace).
 
 Several processes (launch/README.md): on a TPU VM pod slice (`--worker=all`), under `srun`, or
 under `mpirun`, every process runs the same command and `jax.distributed` configures itself. Anywhere
@@ -20,10 +24,12 @@ import os
 import sys
 
 from absl import app, flags
-from ml_collections import config_flags
+
+from exlm_jax import config_lib
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "Config file, optionally with ':arg'.", lock_config=True)
+flags.DEFINE_string("config", None, "Config file, optionally with ':arg', e.g. configs/quickstart.py:objective=mlm; "
+                    "then --config.<dotted.key>=<value> sets any field.")
 flags.DEFINE_string("workdir", None, "Where checkpoints, TensorBoard events and metrics are written.")
 flags.DEFINE_enum("mode", "train", ["train", "compile_only"],
                   "train: run (and resume) the job; compile_only: compile the train step and print memory.")
@@ -60,13 +66,48 @@ def _start_jax() -> None:
 # What bad input raises (config validation, missing files, unreadable data, a diverging loss with
 # its hint): shown as one line.
 USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, FileExistsError, FloatingPointError)
+OVERRIDE_PREFIX = "--config."
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's flags (a parsing error is one line); `--config.<key>=<value>` overrides pass through to main."""
+  overrides = [arg for arg in argv[1:] if arg.startswith(OVERRIDE_PREFIX)]
+  try:
+    rest = FLAGS([arg for arg in argv if not arg.startswith(OVERRIDE_PREFIX)])
+  except flags.Error as e:
+    if "--traceback" in argv:
+      raise
+    sys.exit(f"error: {e} (see --helpshort)")
+  return rest + overrides
+
+
+def load_config(spec: str, overrides: list[str]):
+  """The config of `--config spec`, with a pretraining objective's defaults merged in and the overrides set."""
+  config = config_lib.load(spec)
+  overrides = [arg[len(OVERRIDE_PREFIX):] for arg in overrides]
+  if "objective" in config:
+    from exlm_jax import objectives  # pylint: disable=g-import-not-at-top
+    first = [o for o in overrides if o.partition("=")[0] == "objective"]  # the block to merge depends on it
+    config = objectives.with_defaults(_override(config, first))
+  return _override(config, overrides)
+
+
+def _override(config, overrides: list[str]):
+  for item in overrides:
+    key, sep, text = item.partition("=")
+    if not sep:
+      raise ValueError(f"{OVERRIDE_PREFIX}{key}: give a value as {OVERRIDE_PREFIX}{key}=VALUE")
+    config_lib.override(config, key, text, OVERRIDE_PREFIX)
+  return config
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  overrides = [arg for arg in argv[1:] if arg.startswith(OVERRIDE_PREFIX)]
   try:
-    _run(FLAGS.config)
+    config = load_config(FLAGS.config, overrides)
+    if len(argv) > 1 + len(overrides):
+      raise ValueError(f"unexpected arguments {[a for a in argv[1:] if a not in overrides]}; flags are --name=value")
+    _run(config)
   except USER_ERRORS as e:
     if FLAGS.traceback:
       raise
@@ -87,4 +128,4 @@ def _run(config) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

@@ -52,29 +52,23 @@ DEFAULT_VOCAB = {"tiny": 1000, "small": 8000, "base": 32768, "large": 32768}
 
 
 def apply_overrides(config, overrides: list[str]):
-  """`--set a.b=value` overrides; keys under another objective's block are skipped for this row."""
+  """`--set a.b=value` overrides, typed like the current value; the row's objective block holds every option
+  (its defaults merged in), and keys under another objective's block are skipped for this row."""
+  config = objectives.with_defaults(config)
   for item in overrides:
     key, sep, text = item.partition("=")
     if not sep:
       raise ValueError(f"--set {item!r}: expected dotted.key=value, e.g. --set model.remat=full")
-    *parents, leaf = key.split(".")
-    if parents and parents[0] in objectives.names() and parents[0] != config.objective:
+    section = key.split(".")[0]
+    if section in objectives.names() and section != config.objective:
       continue
-    node = config
-    for name in parents:
-      node = node[name]
-    if leaf not in node:
-      raise ValueError(f"--set {item!r}: config has no key {key!r}")
-    node[leaf] = config_lib.typed_like(node[leaf], text, f"--set {key}")
+    config_lib.override(config, key, text, "--set ")
   return config
 
 
 def make_config(objective: str, overrides: list[str], args):
   """The pretraining config of one benchmark row: the objective's default block, then `overrides`."""
   config = config_lib.pretrain_config(objective, args.size)
-  default_block = objectives.get(objective).default_config
-  if default_block is not None:
-    config[objective] = default_block()
   config.model.update(vocab_size=args.vocab or DEFAULT_VOCAB[args.size], dtype=args.dtype, remat=args.remat)
   config.seq_len, config.batch_size = args.seq_len, args.batch
   config.warmup_steps = 1

@@ -12,8 +12,9 @@ of the same size trained on the corpus [INFER]; the 23k-update budget is the REA
 shorter than the paper's headline runs (reference §9.15).
 """
 
+import ml_collections
+
 from exlm_jax import config_lib
-from exlm_jax.objectives import exlm
 
 
 def reference_config(size: str = "base", k: int = 4, accum: int = 32):
@@ -24,7 +25,7 @@ def reference_config(size: str = "base", k: int = 4, accum: int = 32):
                       attention_dropout_rate=0.1, dtype="bfloat16")  # reference: fp16 + loss scaling
   # --max-positions 2048 only sizes the link head's slot table (reference §9.14); rows past the
   # expanded-length bound (128 + 3 x 22 = 194) are never indexed.
-  config.exlm = exlm.default_config(num_copies=k, max_link_positions=2048)
+  config.exlm = ml_collections.ConfigDict(dict(num_copies=k, max_link_positions=2048))
   config.seq_len = 128  # --tokens-per-sample 128
   config.mask_prob = 0.15  # 100 % [MASK]: --leave-unmasked-prob 0 --random-token-prob 0
   config.data = config_lib.data_config("text", "", vocab_size=50_265)

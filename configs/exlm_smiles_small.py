@@ -3,6 +3,7 @@
   python main.py --config configs/exlm_smiles_small.py --workdir runs/exlm_smiles_small
   python main.py --config configs/exlm_smiles_small.py:size=tiny --config.total_steps=3 --workdir /tmp/exlm_tiny
   python main.py --config configs/exlm_smiles_small.py:k=2,transitions=ctc --workdir runs/exlm_smiles_ctc
+  python launch/sweep.py --config configs/exlm_smiles_small.py:size=tiny --sweep_arg sweep=ablations --workdir runs/abl
 
 Arguments: size=small|tiny (tiny: 2-layer width-32 encoder, 2000 molecules: for tests), k (states per
 expanded group), transitions=dag|ctc, positions=rope2d|rope1d_shared, max_examples.
@@ -11,15 +12,16 @@ Sweeps (`get_sweep`): `k` (default) over k in {1, 2, 4}; `ablations` over the ro
 ablation table (reference §7.3 / §8.4) that are ExLM switches.
 """
 
+import ml_collections
+
 from exlm_jax import config_lib
-from exlm_jax.objectives import exlm
 
 
 def get_config(arg=None):
   arg = config_lib.parse_arg(arg, size="small", k=4, transitions="dag", positions="rope2d",
                              max_examples=200_000)
   config = config_lib.pretrain_config("exlm", arg.size)
-  config.exlm = exlm.default_config(num_copies=arg.k, transitions=arg.transitions, positions=arg.positions)
+  config.exlm = ml_collections.ConfigDict(dict(num_copies=arg.k, transitions=arg.transitions, positions=arg.positions))
   config.data = config_lib.data_config(
       "smiles", "$DATA/smiles/moses/train.csv.gz", column="SMILES", max_examples=arg.max_examples,
       eval_path="$DATA/smiles/moses/test.csv.gz")

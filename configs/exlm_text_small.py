@@ -8,14 +8,15 @@ Every block ends with </s> (DESIGN.md §2); </s> tokens between packed documents
 tokens: only <s>, the masked slots and the final </s> are expanded.
 """
 
+import ml_collections
+
 from exlm_jax import config_lib
-from exlm_jax.objectives import exlm
 
 
 def get_config(arg=None):
   arg = config_lib.parse_arg(arg, size="small", k=4, transitions="dag", positions="rope2d")
   config = config_lib.pretrain_config("exlm", arg.size)
-  config.exlm = exlm.default_config(num_copies=arg.k, transitions=arg.transitions, positions=arg.positions)
+  config.exlm = ml_collections.ConfigDict(dict(num_copies=arg.k, transitions=arg.transitions, positions=arg.positions))
   config.data = config_lib.data_config("text", "$DATA/text/agnews/dev.tsv", vocab_size=8000,
                                        eval_path="$DATA/text/agnews/test.tsv")
   config.seq_len = 128

@@ -4,16 +4,11 @@
   python main.py --config configs/finetune_bbbp.py:quick --config.init_from=runs/mlm_smiles_small --workdir /tmp/ft_bbbp
 """
 
-import importlib.util
-import pathlib
+from exlm_jax import config_lib
 
 
 def _moleculenet():
-  path = pathlib.Path(__file__).with_name("finetune_moleculenet.py")
-  spec = importlib.util.spec_from_file_location("finetune_moleculenet", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return config_lib.load_module("finetune_moleculenet.py", relative_to=__file__)
 
 
 def _arg(arg):

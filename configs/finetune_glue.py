@@ -15,24 +15,22 @@ Recipe (exlm-reference §6, maelm-reference §6.2): AdamW (0.9, 0.98), eps 1e-6,
 clipping, validation twice per epoch, 3 seeds (mean ± std). Per-task lr / batch / epochs: `get_sweep`.
 """
 
-from exlm_jax.finetune import loop
-from exlm_jax.finetune.metrics import GLUE_TASKS
+from exlm_jax import config_lib
 
 # MNLI, QNLI, QQP, SST-2: COCO-LM's grid skips 10 epochs and 10 % warm-up for them.
 LARGE_TASKS = ("mnli", "qnli", "qqp", "sst2")
 
 
 def _arg(arg):
-  from exlm_jax import config_lib  # pylint: disable=g-import-not-at-top
   return config_lib.parse_arg(arg, task="sst2", validation="carve", quick=False)
 
 
 def get_config(arg=None):
   arg = _arg(arg)
   task = arg.task.lower().replace("-", "")
-  if task not in GLUE_TASKS:
-    raise ValueError(f"unknown GLUE task {arg.task!r}; choose one of {', '.join(GLUE_TASKS)}")
-  config = loop.default_config(task)
+  if task not in config_lib.GLUE_TASKS:
+    raise ValueError(f"unknown GLUE task {arg.task!r}; choose one of {', '.join(config_lib.GLUE_TASKS)}")
+  config = config_lib.finetune_config(task)
   config.data.validation = arg.validation
   config.seq_len = 128
   config.learning_rate = 2e-5

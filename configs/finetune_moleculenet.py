@@ -17,22 +17,20 @@ model selection on validation by the main metric, test reported at the best step
 3 seeds (the Uni-Mol protocol the ExLM authors' sister paper follows, exlm-reference §6).
 """
 
-from exlm_jax.finetune import loop
-from exlm_jax.finetune.tasks import MOLECULENET
+from exlm_jax import config_lib
 
 
 def _arg(arg):
-  from exlm_jax import config_lib  # pylint: disable=g-import-not-at-top
   return config_lib.parse_arg(arg, task="bbbp", quick=False)
 
 
 def get_config(arg=None):
   arg = _arg(arg)
   task = arg.task.lower()
-  if task not in MOLECULENET and task != "csv":
-    raise ValueError(f"unknown MoleculeNet task {arg.task!r}; choose one of {', '.join(MOLECULENET)}, or "
-                     "task=csv with --config.data.path=FILE.csv")
-  config = loop.default_config(task)
+  if task not in config_lib.MOLECULENET_TASKS and task != "csv":
+    raise ValueError(f"unknown MoleculeNet task {arg.task!r}; choose one of {', '.join(config_lib.MOLECULENET_TASKS)}, "
+                     "or task=csv with --config.data.path=FILE.csv")
+  config = config_lib.finetune_config(task)
   config.data.split = "scaffold"
   config.seq_len = 128  # as the SMILES pretraining configs
   config.batch_size = 32

@@ -4,16 +4,11 @@
   python main.py --config configs/finetune_sst2.py:quick --config.init_from=runs/maelm_text_small --workdir /tmp/ft_sst2
 """
 
-import importlib.util
-import pathlib
+from exlm_jax import config_lib
 
 
 def _glue():
-  path = pathlib.Path(__file__).with_name("finetune_glue.py")
-  spec = importlib.util.spec_from_file_location("finetune_glue", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return config_lib.load_module("finetune_glue.py", relative_to=__file__)
 
 
 def _arg(arg):

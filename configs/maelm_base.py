@@ -12,8 +12,9 @@ The corpora are not shipped: set --config.data.path. Values marked [INFER] are n
 not retrieved, so `total_steps` is the run script's 2M-update horizon of the linear decay -- override it.
 """
 
+import ml_collections
+
 from exlm_jax import config_lib
-from exlm_jax.objectives import maelm
 
 _VARIANTS = {
     # name: (sentencepiece vocabulary size [INFER], description)
@@ -28,7 +29,7 @@ def reference_config(size: str, vocab_size: int, rel_pos_bins: int, max_rel_pos:
   config.model.update(pre_ln=False, positions="absolute+relbias", embed_layernorm=True, max_positions=512,
                       rel_pos_bins=rel_pos_bins, max_rel_pos=max_rel_pos, dropout_rate=0.1,
                       attention_dropout_rate=0.1, dtype="bfloat16")
-  config.maelm = maelm.default_config(decoder_layers=4)
+  config.maelm = ml_collections.ConfigDict(dict(decoder_layers=4))
   config.seq_len = 512
   config.mask_prob = 0.15
   config.data = config_lib.data_config("text", "", vocab_size=vocab_size)

@@ -8,18 +8,12 @@ Optimisation follows the released base run script (the large++ schedule is not r
 configs/maelm_base.py). The vocabulary size (64k cased BPE) is [INFER].
 """
 
-import importlib.util
-import pathlib
-
 from exlm_jax import config_lib
 
 
 def _recipe():
-  """configs/maelm_base.py, loaded by path (configs/ is not a package), for its `reference_config`."""
-  spec = importlib.util.spec_from_file_location("maelm_base", pathlib.Path(__file__).with_name("maelm_base.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.reference_config
+  """configs/maelm_base.py's `reference_config` (configs/ is not a package: loaded by path)."""
+  return config_lib.load_module("maelm_base.py", relative_to=__file__).reference_config
 
 
 def get_config(arg=None):

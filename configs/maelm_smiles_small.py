@@ -11,8 +11,9 @@ The sweep (`get_sweep`) varies the decoder depth and the position alignment of t
 
 import itertools
 
+import ml_collections
+
 from exlm_jax import config_lib
-from exlm_jax.objectives import maelm
 
 
 def get_config(arg=None):
@@ -21,7 +22,7 @@ def get_config(arg=None):
   # MAE-LM's encoder (maelm-reference §2.1-2.4): post-LN, embedding LayerNorm, absolute + relative positions.
   config.model.update(pre_ln=False, positions=arg.positions, embed_layernorm=True,
                       max_positions=128, rel_pos_bins=64, max_rel_pos=128)
-  config.maelm = maelm.default_config()
+  config.maelm = ml_collections.ConfigDict()  # the released recipe: every default
   config.seq_len = 64  # MOSES SMILES are at most 57 characters, so every molecule fits with <s> and </s>
   config.mask_prob = 0.15
   config.data = config_lib.data_config(

@@ -8,8 +8,9 @@ AG News is only a quick, offline corpus (10k news snippets); the paper pretrains
 (configs/maelm_base.py).
 """
 
+import ml_collections
+
 from exlm_jax import config_lib
-from exlm_jax.objectives import maelm
 
 
 def get_config(arg=None):
@@ -17,7 +18,7 @@ def get_config(arg=None):
   config = config_lib.pretrain_config("maelm", arg.size)
   config.model.update(pre_ln=False, positions=arg.positions, embed_layernorm=True,
                       max_positions=512, rel_pos_bins=64, max_rel_pos=128)
-  config.maelm = maelm.default_config()
+  config.maelm = ml_collections.ConfigDict()  # the released recipe: every default
   config.seq_len = 128
   config.mask_prob = 0.15
   config.data = config_lib.data_config("text", "$DATA/text/agnews/dev.tsv", column="0", vocab_size=8000)  # no header

@@ -8,18 +8,19 @@ Data: rdkit.RDConfig.RDDataDir/NCI/first_5K.smi (5,000 molecules; nothing to dow
 Takes a few minutes on 2 CPU cores; writes checkpoints, TensorBoard events and final metrics.
 """
 
+import ml_collections
+
 from exlm_jax import config_lib
-from exlm_jax.objectives import exlm, maelm
 
 
 def get_config(arg=None):
   arg = config_lib.parse_arg(arg, objective="exlm", steps=300)
   config = config_lib.pretrain_config(arg.objective, "small")
   if arg.objective == "exlm":
-    config.exlm = exlm.default_config(num_copies=4)
+    config.exlm = ml_collections.ConfigDict(dict(num_copies=4))
   if arg.objective == "maelm":  # MAE-LM's encoder: post-LN, embedding LN, absolute + relative positions
-    config.model.update(pre_ln=False, positions="absolute+relbias", embed_layernorm=True)
-    config.maelm = maelm.default_config(decoder_layers=2)
+    config.model.update(pre_ln=False, positions="absolute+relbias", embed_layernorm=True, max_positions=512)
+    config.maelm = ml_collections.ConfigDict(dict(decoder_layers=2))
   config.model.num_layers, config.model.d_model, config.model.num_heads, config.model.mlp_dim = 2, 128, 4, 512
   config.data = config_lib.data_config("smiles", "rdkit:NCI/first_5K.smi", eval_fraction=0.05)
   config.seq_len = 96

@@ -11,19 +11,31 @@ Optimisation and data as mlm_smiles_small.py; seq_len 64 holds every MOSES molec
 the model sees 2 + 62 k slots. The train metrics `unreal_ratio` and `corrupted_ratio` are measured.
 """
 
+import ml_collections
+
 from exlm_jax import config_lib
-from exlm_jax.analysis import repeated_mlm as pilot  # solve_p, pk_grid
-from exlm_jax.objectives import repeated_mlm
+
+FIXED = ("corrupted", "unreal")
+
+
+def mask_prob(fixed: str, ratio: float, k: int) -> float:
+  """p holding the `fixed` ratio at `ratio`: corrupted p^k = ratio -> p = ratio^(1/k); unreal p = ratio.
+  (exlm_jax/analysis/repeated_mlm.py `solve_p` / `pk_grid` tabulate the same relation.)"""
+  if fixed not in FIXED:
+    raise ValueError(f"fixed={fixed!r}; choose corrupted or unreal")
+  if not 0.0 < ratio < 1.0:
+    raise ValueError(f"ratio={ratio} must be in (0, 1)")
+  if k < 1:
+    raise ValueError(f"k={k} must be >= 1")
+  return ratio ** (1.0 / k) if fixed == "corrupted" else ratio
 
 
 def get_config(arg=None):
   arg = config_lib.parse_arg(arg, size="small", k=2, fixed="corrupted", ratio=0.15, loss="masked",
                              max_examples=200_000)
-  if arg.fixed not in ("corrupted", "unreal"):
-    raise ValueError(f"fixed={arg.fixed!r}; choose corrupted or unreal")
   config = config_lib.pretrain_config("repeated_mlm", arg.size)
-  config.repeated_mlm = repeated_mlm.default_config(num_copies=arg.k, loss=arg.loss)
-  config.mask_prob = pilot.solve_p(arg.ratio, arg.k) if arg.fixed == "corrupted" else arg.ratio
+  config.repeated_mlm = ml_collections.ConfigDict(dict(num_copies=arg.k, loss=arg.loss))
+  config.mask_prob = mask_prob(arg.fixed, arg.ratio, arg.k)
   config.data = config_lib.data_config(
       "smiles", "$DATA/smiles/moses/train.csv.gz", column="SMILES", max_examples=arg.max_examples,
       eval_path="$DATA/smiles/moses/test.csv.gz")
@@ -44,7 +56,6 @@ def get_config(arg=None):
 def get_sweep(arg=None):
   """The two arms of the pilot over k in {1, 2, 4}: `corrupted` holds p^k = ratio, `unreal` holds p = ratio."""
   arg = config_lib.parse_arg(arg, sweep="corrupted", ratio=0.15)
-  if arg.sweep not in ("corrupted", "unreal"):
+  if arg.sweep not in FIXED:
     raise ValueError(f"unknown sweep {arg.sweep!r}; choose corrupted or unreal")
-  grid = pilot.pk_grid(ks=(1, 2, 4), **{arg.sweep: arg.ratio})
-  return [{"mask_prob": point.p, "repeated_mlm.num_copies": point.k} for point in grid]
+  return [{"mask_prob": mask_prob(arg.sweep, arg.ratio, k), "repeated_mlm.num_copies": k} for k in (1, 2, 4)]

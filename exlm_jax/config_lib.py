@@ -1,13 +1,30 @@
-"""Config helpers shared by every file in configs/ (big_vision style).
+"""Config helpers shared by every file in configs/ (big_vision style), and the one source of defaults.
 
 A config file defines `get_config(arg=None)`; `arg` is the text after the colon in
 `--config configs/x.py:size=small,k=2`, parsed by `parse_arg` with types taken from the defaults.
 Sweeps are `get_sweep(arg)` in the same file, returning a list of `{dotted.key: value}` overrides.
+`load("configs/x.py:arg")` is how every caller (main.py, launch/sweep.py, tests, configs deriving from
+another config) turns such a spec into a ConfigDict; `override` applies `--config.key=value` text.
+
+Configs are data: this module and the config files import only ml_collections and the standard
+library (no JAX, no other exlm_jax module), so loading one is cheap anywhere, e.g. on a login node.
+An objective's own block (`config.exlm`, `config.maelm`, ...) holds only the keys a config changes;
+the objective merges its defaults over it and rejects unknown keys (objectives/base.py `read_options`).
 """
 
 from __future__ import annotations
 
+import ast
+import difflib
+import importlib.util
+import os
+import pathlib
+import types
+from typing import Iterable
+
 import ml_collections
+
+REPO = pathlib.Path(__file__).resolve().parents[1]  # configs/ lives here; relative specs fall back to it
 
 # (num_layers, d_model, num_heads, mlp_dim). `tiny` is for tests; `small` for CPU experiments.
 MODEL_SIZES = {
@@ -16,6 +33,17 @@ MODEL_SIZES = {
     "base": (12, 768, 12, 3072),
     "large": (24, 1024, 16, 4096),
 }
+# The sharding fields of a pretraining config and their defaults (train/partitioning.py falls back to
+# them for configs without these fields, e.g. fine-tuning).
+SHARDING = dict(
+    sharding="fsdp_tp",  # "dp" | "fsdp" | "fsdp_tp" logical-rule presets (same rules; sizes pick)
+    sharding_tolerance=0.25,  # fail if a device holds > (1 + tol) * params / (fsdp * tensor)
+    logical_axis_rules=(),  # non-empty overrides the preset
+)
+# Task names the fine-tuning configs accept (the registries: exlm_jax/finetune/metrics.py GLUE_TASKS,
+# exlm_jax/finetune/tasks.py MOLECULENET; a test keeps them equal).
+GLUE_TASKS = ("cola", "sst2", "mrpc", "qqp", "stsb", "mnli", "qnli", "rte", "wnli")
+MOLECULENET_TASKS = ("bbbp", "bace", "bace_pic50", "clintox", "tox21", "sider", "esol", "freesolv")
 
 
 def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
@@ -33,7 +61,7 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
       continue
     key, sep, value = item.partition("=")
     if key not in defaults:
-      raise ValueError(f"unknown config argument {key!r}; known: {', '.join(sorted(defaults))}")
+      raise ValueError(f"unknown config argument {key!r}; {closest(key, defaults)}")
     default = defaults[key]
     if not sep:
       if not isinstance(default, bool):
@@ -45,16 +73,69 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
 
 
 def typed_like(default, text: str, what: str):
-  """`text` converted to the type of `default` (bool: true/false/1/0; None or str: the text itself)."""
+  """`text` read as a value of `default`'s type; `what` names the field in the one-line error.
+
+  bool: true/false/1/0; int, float: their literals; tuple/list: a Python literal ("(0, 1)", "0,1") or
+  comma-separated words ("a,b"); None: a Python literal when the text is one, else the text; str: the text.
+  """
   if isinstance(default, bool):
     if text.lower() not in ("true", "false", "1", "0"):
       raise ValueError(f"{what}={text!r} must be true or false")
     return text.lower() in ("true", "1")
-  return type(default)(text) if isinstance(default, (int, float)) else text
+  if isinstance(default, (int, float)):
+    try:
+      return type(default)(text)
+    except ValueError:
+      kind = "an integer" if isinstance(default, int) else "a number"
+      raise ValueError(f"{what}={text!r} must be {kind}, like its default {default!r}") from None
+  if isinstance(default, (tuple, list)):
+    value = _literal(text)
+    if isinstance(value, str):
+      value = [part.strip() for part in text.split(",") if part.strip()]
+    return type(default)(value if isinstance(value, (tuple, list)) else (value,))
+  if isinstance(default, ml_collections.ConfigDict):
+    raise ValueError(f"{what} is a section, not a value; set its keys ({', '.join(sorted(default))}) one by one")
+  return _literal(text) if default is None else text
+
+
+def _literal(text: str):
+  """A Python literal's value, or the text itself when it is not one."""
+  try:
+    return ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    return text
+
+
+def closest(key: str, known: Iterable[str]) -> str:
+  """'did you mean X?' for the known key closest to a mistyped `key` (difflib), else the list of known keys."""
+  known = sorted(known)
+  close = difflib.get_close_matches(key, known, n=1)
+  return f"did you mean {close[0]!r}?" if close else f"known: {', '.join(known)}"
+
+
+def override(config: ml_collections.ConfigDict, key: str, text: str, flag: str = "--config.") -> None:
+  """Sets the dotted `key` of `config` from command-line `text`, typed like its current value.
+
+  Every part of the key must exist (a typo is a one-line error naming the closest key); `flag` is how
+  the caller spells the key in its messages: `--config.` (main.py), `--set ` (bench).
+  """
+  node, path = config, "config"
+  for name in key.split("."):
+    if not isinstance(node, ml_collections.ConfigDict):
+      raise ValueError(f"{flag}{key}: {path} is a value, not a section")
+    if name not in node:
+      raise ValueError(f"{flag}{key}: {path} has no key {name!r}; {closest(name, node.keys())}")
+    parent, node, path = node, node[name], f"{path}.{name}"
+  parent[name] = typed_like(node, text, f"{flag}{key}")
 
 
 def model_config(size: str = "small", **overrides) -> ml_collections.ConfigDict:
-  """The shared encoder's hyper-parameters (DESIGN.md §1); sizes from MODEL_SIZES."""
+  """The shared encoder's hyper-parameters; sizes from MODEL_SIZES.
+
+  `max_positions` (the longest block; for learned positions also the table size) defaults by the
+  `positions` given here, so a config that switches `positions` later sets `max_positions` with it.
+  """
+  positions = overrides.get("positions", "rope2d")
   if size not in MODEL_SIZES:
     raise ValueError(f"unknown model size {size!r}; choose one of {', '.join(MODEL_SIZES)}")
   num_layers, d_model, num_heads, mlp_dim = MODEL_SIZES[size]
@@ -66,9 +147,11 @@ def model_config(size: str = "small", **overrides) -> ml_collections.ConfigDict:
       mlp_dim=mlp_dim,
       vocab_size=-1,  # filled from the tokenizer at run time
       pre_ln=True,  # ExLM: pre-LN + final LN; MAE-LM: post-LN
-      positions="rope2d",  # "rope2d" | "absolute+relbias"
+      positions=positions,  # "rope2d" | "absolute+relbias" | "absolute"
       embed_layernorm=False,  # MAE-LM has one; the ExLM encoder does not
-      max_positions=512,  # size of the learned absolute table (absolute+relbias)
+      # The longest block (seq_len <= this for every scheme); for learned positions also the table size.
+      # RoPE has no table: 2048 as the ExLM reference's --max-positions; learned tables: BERT's 512 rows.
+      max_positions=2048 if positions == "rope2d" else 512,
       rel_pos_bins=64,
       max_rel_pos=128,
       rope_theta=10000.0,
@@ -137,10 +220,105 @@ def pretrain_config(objective: str = "mlm", size: str = "small", **overrides) ->
   cfg.profile_num_steps = 3
   # ICI axis sizes (-1 = the rest) and DCN sizes across slices / hosts (hybrid mesh when > 1).
   cfg.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, dcn_data=1, dcn_fsdp=1))
-  cfg.sharding = "fsdp_tp"  # "dp" | "fsdp" | "fsdp_tp" logical-rule presets (same rules; sizes pick)
-  cfg.sharding_tolerance = 0.25  # fail if a device holds > (1 + tol) * params / (fsdp * tensor)
-  cfg.logical_axis_rules = ()  # non-empty overrides the preset
+  cfg.update(SHARDING)
   cfg.data = data_config()
-  cfg.mlm = ml_collections.ConfigDict(dict(bert_corruption=False))
+  # The objective's own block, e.g. `cfg.exlm = ml_collections.ConfigDict(dict(num_copies=2))`, holds only
+  # what a config changes; absent = the objective's defaults (objectives/<objective>.py DEFAULTS).
   cfg.update(overrides)
   return cfg
+
+
+def finetune_config(task: str = "sst2") -> ml_collections.ConfigDict:
+  """Every fine-tuning config starts here (configs/finetune_*.py override fields); see exlm_jax/finetune/."""
+  cfg = ml_collections.ConfigDict()
+  cfg.init_from = ""  # pretraining workdir / checkpoints/ / checkpoints/<step>; "" = random init (baseline)
+  cfg.tokenizer = ""  # init_from="" only: a tokenizer folder / workdir ("" = built from the training split)
+  cfg.finetune = ml_collections.ConfigDict(dict(
+      task=task,  # GLUE task (sst2, cola, ...), MoleculeNet task (bbbp, tox21, ...), or "csv" (config.data.path)
+      pooler_dropout=0.1,  # the head's two dropouts (both papers: 0.1)
+      normalize_targets=True,  # regression: train on (y - mean) / std of the training split; metrics in label units
+      save_checkpoints=True,  # best params per seed under seed_<s>/checkpoints (what exlm_jax.load reads)
+  ))
+  cfg.data = ml_collections.ConfigDict(dict(
+      source="auto",  # GLUE: "auto" | "local" (shared data folder) | "tfds"
+      validation="carve",  # GLUE: "carve" (valid_fraction of train; GLUE dev = test) | "dev" (select on GLUE dev)
+      valid_fraction=0.1,
+      path="",  # CSV tasks: file or "$DATA/..."; setting it makes the task a CSV task
+      smiles_column="smiles",
+      label_columns="",  # comma-separated, e.g. "NR-AR,SR-p53"
+      task_type="multitask_binary",  # CSV: multitask_binary (0/1, missing ok, ROC-AUC) | regression | classification
+      split="scaffold",  # molecules: "scaffold" (deterministic) | "random"
+      fractions=(0.8, 0.1, 0.1),
+      split_seed=0,  # data splits and subsampling; model seeds are `seeds`
+      max_train_examples=-1,  # subsample the training split (quick runs, tests); -1 = all
+      max_eval_examples=-1,  # subsample every other split; -1 = all
+  ))
+  cfg.model = ml_collections.ConfigDict(dict(dropout_rate=0.1, attention_dropout_rate=0.1, dtype="float32",
+                                             remat="none"))  # overrides on the pretrained architecture
+  cfg.scratch_size = "small"  # init_from="": a MODEL_SIZES entry
+  cfg.scratch_vocab_size = 8000  # init_from="" on text without `tokenizer`: SentencePiece trained on the train split
+  cfg.seq_len = 128
+  cfg.batch_size = 32  # global
+  cfg.eval_batch_size = 64
+  cfg.num_epochs = 3
+  cfg.learning_rate = 2e-5
+  cfg.warmup_ratio = 0.06  # fraction of all steps
+  cfg.lr_schedule = "linear"
+  cfg.adam_b1 = 0.9
+  cfg.adam_b2 = 0.98
+  cfg.adam_eps = 1e-6
+  cfg.weight_decay = 0.1  # ExLM (DinkyTrain); MAE-LM / COCO-LM use 0.01
+  cfg.grad_clip_norm = 0.0  # both papers: no clipping
+  cfg.seeds = (0, 1, 2)
+  cfg.eval_every = 0  # steps between evaluations of the selection split; 0 = `evals_per_epoch` per epoch
+  cfg.evals_per_epoch = 1  # with eval_every=0: evenly spaced, the last at the epoch's end (COCO-LM: 2)
+  cfg.log_every = 50
+  cfg.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+  cfg.logical_axis_rules = ()
+  return cfg
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading config files
+# ----------------------------------------------------------------------------------------------
+
+
+def load_module(path: str | os.PathLike, relative_to: str | os.PathLike | None = None) -> types.ModuleType:
+  """The config file at `path` as a fresh module (configs/ is not a package).
+
+  A relative `path` is looked up in the current directory, then in the repository; with `relative_to`
+  (a config deriving from its neighbour passes its `__file__`), next to that file only.
+  A missing file is a one-line FileNotFoundError naming the path and where it was looked for.
+  """
+  path = pathlib.Path(path)
+  if relative_to is not None:
+    candidates = [pathlib.Path(relative_to).resolve().parent / path]
+  else:
+    candidates = [path] if path.is_absolute() else [pathlib.Path.cwd() / path, REPO / path]
+  found = next((c for c in candidates if c.is_file()), None)
+  if found is None:
+    where = " or ".join(str(c.parent) for c in dict.fromkeys(candidates))
+    raise FileNotFoundError(f"config file {str(path)!r} not found in {where}; give a path like "
+                            "configs/quickstart.py")
+  spec = importlib.util.spec_from_file_location(f"exlm_config_{found.stem}", found)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def split_spec(spec: str) -> tuple[str, str | None]:
+  """'configs/x.py:size=tiny' -> ('configs/x.py', 'size=tiny'); no colon -> (spec, None)."""
+  path, sep, arg = str(spec).partition(".py:")
+  return (path + ".py", arg) if sep else (str(spec), None)
+
+
+def load(spec: str) -> ml_collections.ConfigDict:
+  """The ConfigDict of `get_config(arg)` for 'path/to/config.py[:arg]' (the path as in `load_module`)."""
+  path, arg = split_spec(spec)
+  module = load_module(path)
+  if not hasattr(module, "get_config"):
+    raise ValueError(f"config file {path} defines no get_config(arg)")
+  config = module.get_config() if arg is None else module.get_config(arg)
+  if not isinstance(config, ml_collections.ConfigDict):
+    raise ValueError(f"{path}: get_config({arg!r}) returned {type(config).__name__}, not a ConfigDict")
+  return config

@@ -13,14 +13,15 @@ dicts, one per run (`arg` is --sweep_arg). Run i gets its own workdir `<workdir>
 and the command `main.py --config <config> --workdir <run dir> --config.<key>=<value> ... <extra>`,
 where <extra> is everything after `--`. Every run's `final_metrics.json` (written by
 exlm_jax.train.loop) becomes one row of results.csv / results.md; runs without it show their status.
-This script does not import JAX, so it is cheap to run on a login node.
+This script imports no JAX (configs are data: exlm_jax.config_lib loads them), so it is cheap to run on
+a login node. A sweep key under the objective's own block (`exlm.transitions`) may be absent from the
+config, which writes only the options it changes; main.py checks it against the objective's defaults.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
-import importlib.util
 import json
 import os
 import re
@@ -37,26 +38,28 @@ METRIC_COLUMNS = ("train/loss", "train/accuracy", "eval/loss", "eval/accuracy", 
                   "perf/tokens_per_s", "perf/step_time_s", "num_params", "wall_time_s")
 
 
+if REPO not in sys.path:
+  sys.path.insert(0, REPO)
+from exlm_jax import config_lib  # noqa: E402  pylint: disable=g-import-not-at-top
+
+
 def load_config_module(config_spec: str):
   """(module, path, arg) for 'path/to/config.py[:arg]'."""
-  path, _, arg = config_spec.partition(":")
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"config file {path!r} not found (give a path like configs/mlm_smiles_small.py)")
-  if REPO not in sys.path:
-    sys.path.insert(0, REPO)
-  spec = importlib.util.spec_from_file_location(f"_sweep_config_{abs(hash(path))}", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module, path, arg or None
+  path, arg = config_lib.split_spec(config_spec)
+  return config_lib.load_module(path), path, arg or None
 
 
-def _lookup(config, dotted: str):
+def _check_key(config, dotted: str) -> None:
+  """KeyError unless `dotted` names a field of `config` or an option of its objective's block (a config
+  writes only the options it changes; main.py checks the rest against the objective's defaults)."""
+  section, _, option = dotted.partition(".")
+  if section == config.get("objective") and option and "." not in option:
+    return
   node = config
   for part in dotted.split("."):
     if part not in node:
       raise KeyError(dotted)
     node = node[part]
-  return node
 
 
 def expand(config_spec: str, sweep_arg: str | None = None) -> list[dict[str, Any]]:
@@ -73,7 +76,7 @@ def expand(config_spec: str, sweep_arg: str | None = None) -> list[dict[str, Any
       raise ValueError(f"{path}: get_sweep run {i} is {type(overrides).__name__}, expected a dict")
     for key in overrides:
       try:
-        _lookup(config, key)
+        _check_key(config, key)
       except (KeyError, TypeError, AttributeError):
         raise ValueError(f"{path}: get_sweep run {i} sets {key!r}, which get_config({arg!r}) does not have") from None
   return runs

@@ -42,4 +42,4 @@ def _instrument() -> None:
 
 if __name__ == "__main__":
   _instrument()
-  app.run(main.main)
+  app.run(main.main, flags_parser=main.parse_flags)

@@ -1,6 +1,5 @@
 """The analysis CLI on tiny MLM / MAE-LM / ExLM workdirs trained for 2 steps (built once per session)."""
 
-import importlib.util
 import json
 import os
 import pathlib
@@ -9,6 +8,7 @@ import jax
 import numpy as np
 import pytest
 
+from exlm_jax import config_lib
 from exlm_jax.analysis import __main__ as cli
 from exlm_jax.analysis import dag_view, effective_rank, inputs
 from exlm_jax.data import vocab
@@ -16,18 +16,8 @@ from exlm_jax.objectives import dag
 
 SMILES_FILE = "rdkit:NCI/first_5K.smi"
 OBJECTIVES = ("mlm", "maelm", "exlm")
-QUICKSTART = pathlib.Path(__file__).resolve().parents[1] / "configs" / "quickstart.py"
-
-
-def _quickstart():
-  spec = importlib.util.spec_from_file_location("quickstart_config", QUICKSTART)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
 def _tiny_config(objective: str):
-  config = _quickstart().get_config(f"objective={objective}")
+  config = config_lib.load(f"configs/quickstart.py:objective={objective}")
   config.total_steps, config.batch_size, config.seq_len = 2, 8, 48
   config.model.update(num_layers=1, d_model=32, num_heads=2, mlp_dim=64)
   config.eval_batches, config.log_every, config.eval_every, config.checkpoint_every = 1, 1, 2, 2

@@ -2,7 +2,6 @@
 
 import csv
 import gzip
-import importlib.util
 import math
 import pathlib
 import re
@@ -16,7 +15,7 @@ import scipy.stats
 from exlm_jax.analysis import effective_rank as er
 from exlm_jax.analysis import entropy as ent
 from exlm_jax.analysis import plots
-from exlm_jax import objectives
+from exlm_jax import config_lib, objectives
 from exlm_jax.analysis import repeated_mlm as rep
 from exlm_jax.objectives import repeated_mlm as repeated_mlm_objective
 from exlm_jax.data import vocab
@@ -368,9 +367,7 @@ def test_jax_repeat_tokens_equals_numpy_transform(smiles_sequences):
 def test_repeated_mlm_objective_measures_p_and_p_to_the_k(smiles_sequences):
   """The pretraining objective (configs/repeated_mlm_smiles_small.py) on real MOSES blocks: its measured
   unreal-token ratio is p and its corrupted-semantics ratio p^k."""
-  spec = importlib.util.spec_from_file_location("rmlm_config", CONFIGS / "repeated_mlm_smiles_small.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
+  module = config_lib.load_module("configs/repeated_mlm_smiles_small.py")
   config = module.get_config("size=tiny,k=3,fixed=corrupted,ratio=0.125")
   assert config.mask_prob == pytest.approx(0.5) and config.seq_len == 64
   assert [(d["repeated_mlm.num_copies"], round(d["mask_prob"], 4)) for d in module.get_sweep("ratio=0.25")] == [

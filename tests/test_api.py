@@ -32,9 +32,9 @@ def tiny_pretrain_config(objective: str, vocab_size: int, seq_len: int = 32) -> 
   if objective == "maelm":  # the paper's encoder: post-LN, embedding LN, absolute + relative bias
     config.model.update(pre_ln=False, positions="absolute+relbias", embed_layernorm=True, max_positions=64,
                         rel_pos_bins=8, max_rel_pos=16)
-    config.maelm = maelm.default_config(decoder_layers=1)
+    config.maelm = ml_collections.ConfigDict(dict(decoder_layers=1))
   if objective == "exlm":
-    config.exlm = exlm.default_config(num_copies=2)
+    config.exlm = ml_collections.ConfigDict(dict(num_copies=2))
   return train_loop.with_vocab_size(config, vocab_size)
 
 

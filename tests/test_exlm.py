@@ -4,7 +4,6 @@ normalised transitions, emissions only at the DAG vertices, float64 numpy refere
 the sharded step and a short CLI run on MOSES."""
 
 import functools
-import importlib.util
 import itertools
 import json
 import math
@@ -16,6 +15,7 @@ import sys
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
@@ -33,7 +33,7 @@ S, B, M = vocab.BOS, vocab.EOS, vocab.MASK
 def _config(**knobs):
   config = config_lib.pretrain_config("exlm", "tiny", seq_len=N, mask_prob=P)
   config.model.update(vocab_size=V, num_layers=1, dropout_rate=0.0, attention_dropout_rate=0.0)
-  config.exlm = exlm.default_config(**{"num_copies": K, "max_link_positions": 32, **knobs})
+  config.exlm = ml_collections.ConfigDict({"num_copies": K, "max_link_positions": 32, **knobs})
   return config
 
 
@@ -391,10 +391,7 @@ def test_encoder_params_is_exactly_an_encoder(params):
 
 
 def _config_module(name):
-  spec = importlib.util.spec_from_file_location(name, REPO / "configs" / f"{name}.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return config_lib.load_module(f"configs/{name}.py")
 
 
 @pytest.mark.parametrize("name,arg", [
@@ -419,7 +416,7 @@ def test_config_files_validate(name, arg):
 
 def test_sweeps_override_existing_keys():
   module = _config_module("exlm_smiles_small")
-  config = module.get_config("size=tiny")
+  config = base.with_defaults(module.get_config("size=tiny"))  # as main.py: every option of config.exlm
   assert [d["exlm.num_copies"] for d in module.get_sweep(None)] == [1, 2, 4]
   ablations = module.get_sweep("sweep=ablations")
   assert len(ablations) == 4
@@ -444,7 +441,7 @@ def test_sharded_exlm_step_equals_single_device():
 
   config = config_lib.pretrain_config("exlm", "tiny", seq_len=16, batch_size=8)
   config.model.update(vocab_size=40, num_layers=1)
-  config.exlm = exlm.default_config(num_copies=2)
+  config.exlm = ml_collections.ConfigDict(dict(num_copies=2))
   rng = np.random.RandomState(0)
   tokens = rng.randint(vocab.NUM_SPECIAL, 40, (8, 16)).astype(np.int32)
   tokens[:, 0], tokens[:, -1] = S, B

@@ -41,7 +41,6 @@ from exlm_jax.export import to_hf  # noqa: E402
 from exlm_jax.finetune import model as ft_model  # noqa: E402
 from exlm_jax.models.encoder import Encoder, ModelConfig, relative_bucket_table  # noqa: E402
 from exlm_jax.models.heads import LMHead  # noqa: E402
-from exlm_jax.objectives import exlm as exlm_objective, maelm  # noqa: E402
 
 TOL = 1e-4
 PARITY: dict[str, float] = {}  # case -> max |diff|, printed after the module's tests (pytest -s)
@@ -131,9 +130,9 @@ def pretrain_config(objective: str, tokenizer, seq_len: int, **model) -> ml_coll
   config.data = config_lib.data_config("smiles" if tokenizer.kind == "smiles_regex" else "text",
                                        "$DATA/test-only", tokenizer=tokenizer.kind)
   if objective == "maelm":
-    config.maelm = maelm.default_config(decoder_layers=1)
+    config.maelm = ml_collections.ConfigDict(dict(decoder_layers=1))
   if objective == "exlm":
-    config.exlm = exlm_objective.default_config(num_copies=2)
+    config.exlm = ml_collections.ConfigDict(dict(num_copies=2))
   return config
 
 

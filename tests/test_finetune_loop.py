@@ -3,10 +3,8 @@ end-to-end runs on real BBBP and SST-2 from tiny pretraining checkpoints (MLM on
 text), the encoder hand-off's loud failures, configs and sweeps."""
 
 import ast
-import importlib.util
 import json
 import logging
-import pathlib
 
 import flax.linen as nn
 import jax
@@ -33,14 +31,8 @@ from exlm_jax.train import optim, partitioning, steps
 
 from test_api import make_pretraining_workdir  # pylint: disable=wrong-import-order
 
-CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
-
-
 def load_config_module(name: str):
-  spec = importlib.util.spec_from_file_location(name, CONFIGS / f"{name}.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return config_lib.load_module(f"configs/{name}.py")
 
 
 # ----------------------------------------------------------------------------------------------

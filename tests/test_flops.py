@@ -14,6 +14,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import pytest
 
 from exlm_jax import config_lib
@@ -26,14 +27,8 @@ def _config(objective: str, size: str = "small", **block):
   config = config_lib.pretrain_config(objective, size)
   config.model.vocab_size = 8000
   config.batch_size, config.seq_len = 8, 128
-  if objective == "maelm":
-    from exlm_jax.objectives import maelm
-    config.maelm = maelm.default_config(**block)
-  if objective == "exlm":
-    config.exlm = exlm.default_config(**block)
-  if objective == "repeated_mlm":
-    from exlm_jax.objectives import repeated_mlm
-    config.repeated_mlm = repeated_mlm.default_config(**block)
+  if block:
+    config[objective] = ml_collections.ConfigDict(block)
   return config
 
 

@@ -2,7 +2,6 @@
 the K_max bound, both position schemes, the ablation knobs, encoder hand-off, configs."""
 
 import functools
-import importlib.util
 import json
 import math
 import os
@@ -15,6 +14,7 @@ import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 from scipy.special import erf
@@ -48,7 +48,7 @@ def _config(positions="absolute+relbias", **knobs):
                       rel_pos_bins=16, max_rel_pos=24)
   config.seq_len = N
   config.mask_prob = P
-  config.maelm = maelm.default_config(**{"decoder_layers": 1, **knobs})
+  config.maelm = ml_collections.ConfigDict({"decoder_layers": 1, **knobs})
   return config
 
 
@@ -423,10 +423,7 @@ def _with(config, key, value):
 
 
 def _load_config_module(name):
-  spec = importlib.util.spec_from_file_location(name, CONFIGS / f"{name}.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return config_lib.load_module(CONFIGS / f"{name}.py")
 
 
 @pytest.mark.parametrize("name,arg", [
@@ -453,7 +450,7 @@ def test_config_files_validate(name, arg):
 
 def test_sweep_overrides_existing_keys():
   module = _load_config_module("maelm_smiles_small")
-  config = module.get_config("size=tiny")
+  config = base.with_defaults(module.get_config("size=tiny"))  # as main.py: every option of config.maelm
   sweep = module.get_sweep(None)
   assert len(sweep) == 8 and {d["maelm.decoder_layers"] for d in sweep} == {1, 2, 4, 6}
   for overrides in sweep:

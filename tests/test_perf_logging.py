@@ -2,26 +2,19 @@
 (train/flops.py), and the `profile_start_step` window writing a jax.profiler trace (one tiny run)."""
 
 import glob
-import importlib.util
 import json
 import os
-import pathlib
 
 import jax
 import ml_collections
 import pytest
 
+from exlm_jax import config_lib
 from exlm_jax.train import flops
 from exlm_jax.train import loop
 
-QUICKSTART = pathlib.Path(__file__).resolve().parents[1] / "configs" / "quickstart.py"
-
-
 def _tiny_config():
-  spec = importlib.util.spec_from_file_location("quickstart_config", QUICKSTART)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config("objective=mlm")
+  config = config_lib.load("configs/quickstart.py:objective=mlm")
   config.total_steps, config.batch_size, config.seq_len = 4, 8, 32
   config.model.update(num_layers=1, d_model=32, num_heads=2, mlp_dim=64)
   config.eval_batches, config.log_every, config.eval_every, config.checkpoint_every = 1, 2, 4, 4

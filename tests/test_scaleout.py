@@ -331,13 +331,10 @@ def sweep_runs(tmp_path_factory, run_env):
   base = tmp_path_factory.mktemp("sweep")
   config = base / "tiny_sweep.py"
   config.write_text(textwrap.dedent(f"""\
-      import importlib.util
-      _spec = importlib.util.spec_from_file_location("_mlm_smiles_small", {os.path.join(REPO, 'configs', 'mlm_smiles_small.py')!r})
-      _base = importlib.util.module_from_spec(_spec)
-      _spec.loader.exec_module(_base)
+      from exlm_jax import config_lib
 
       def get_config(arg=None):
-        return _base.get_config(arg)
+        return config_lib.load({os.path.join(REPO, 'configs', 'mlm_smiles_small.py')!r} + (f":{{arg}}" if arg else ""))
 
       def get_sweep(arg=None):
         return [{{"data.overlong": "truncate"}}, {{"data.overlong": "skip"}}]

@@ -641,8 +641,9 @@ def load_pretraining_data(config, workdir: str | None) -> PretrainingData:
   """
   data_cfg = config.data
   seq_len = int(config.seq_len)
-  if seq_len < 3:
-    raise ValueError(f"config.seq_len={seq_len} leaves no room for content between <s> and </s>; use >= 3")
+  if seq_len < vocab.MIN_BLOCK_LEN:
+    raise ValueError(f"config.seq_len={seq_len} leaves no room for content between <s> and </s>; "
+                     f"use >= {vocab.MIN_BLOCK_LEN}")
   _check_data_config(data_cfg)
   packing = bool(data_cfg.get("packing", False))
   corpus = builders.build_corpus(data_cfg)
@@ -683,7 +684,7 @@ def load_pretraining_data(config, workdir: str | None) -> PretrainingData:
                    closed_early=sum(info[split]["closed_early"] for split in splits))
   for split in splits:
     summary[f"{split}_blocks"] = len(blocks[split])
-  num_eval_batches = int(config.get("eval_batches", 0))
+  num_eval_batches = int(config.eval_batches)
   summary["eval_rows_used"] = (summary["eval_blocks"] if num_eval_batches <= 0 else
                                min(summary["eval_blocks"], num_eval_batches * int(config.batch_size)))
   if summary["train_blocks"] == 0:

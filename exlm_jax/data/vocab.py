@@ -14,5 +14,8 @@ MASK = 4  # "[MASK]"
 SPECIAL_TOKENS = ("<pad>", "<unk>", "<s>", "</s>", "[MASK]")
 NUM_SPECIAL = len(SPECIAL_TOKENS)
 
+# The shortest block, `<s> x </s>`: one content token between the specials.
+MIN_BLOCK_LEN = 3
+
 # Never selected for masking (DESIGN.md §2). <unk> is content and may be masked.
 UNMASKABLE = (PAD, BOS, EOS)

@@ -7,7 +7,7 @@ rule, what the analyses measure). The import below is the only list of objective
 objective means adding its file here and its config.
 """
 
-from exlm_jax.objectives.base import Objective, get, names, register  # noqa: F401
+from exlm_jax.objectives.base import Objective, get, names, register, with_defaults  # noqa: F401
 
 # Import the built-in objectives so they register themselves.
 from exlm_jax.objectives import exlm, maelm, mlm, repeated_mlm  # noqa: F401,E402

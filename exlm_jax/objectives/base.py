@@ -11,6 +11,9 @@ An objective builds a Linen model whose `__call__(tokens, mask_rng)` takes a bat
 The trainer knows nothing else about an objective. Everything else objective-specific -- its FLOPs model,
 the rule behind `exlm_jax.load(...).predict_masked`, what the analyses measure on it -- is a field of its
 `Objective`; an objective without a feature leaves the field None and callers say so in one line.
+An objective's options live in `config.<name>` and hold only what a config changes; `read_options`
+merges them over the objective's `DEFAULTS` (the one place its defaults are stated) and rejects
+unknown keys; `with_defaults` writes the merged block back, so the command line can set any option.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from exlm_jax import config_lib
 from exlm_jax.data import vocab
 from exlm_jax.models.encoder import Encoder, ModelConfig
 from exlm_jax.models.flops import Breakdown
@@ -94,7 +98,7 @@ class Objective:
   make_model: (config, deterministic) -> Linen module with `__call__(tokens, mask_rng)` as above.
   encoder_params: params -> the encoder sub-tree fine-tuning loads (fails loudly on missing keys).
   validate: config -> None, raises ValueError with a one-line message on a bad objective config.
-  default_config: (**overrides) -> the `config.<name>` block with every option at its default; None = no block.
+  options: config -> the `config.<name>` block merged over the objective's defaults (`read_options`).
   copies_option: the option of that block holding the copies per token k (bench --k); None = no such option.
   flops: (config, include_remat) -> training FLOPs of ONE sequence by component; None = no FLOPs model.
   masked_log_probs: (**options) -> method body (model, token_ids (B, L) with [MASK] at the slots to fill,
@@ -111,7 +115,7 @@ class Objective:
   encoder_params: Callable[[Any], Any] = None
   validate: Callable[[ml_collections.ConfigDict], None] = lambda config: None
   title: str = ""
-  default_config: Callable[..., ml_collections.ConfigDict] | None = None
+  options: Callable[[ml_collections.ConfigDict], ml_collections.ConfigDict] = lambda config: ml_collections.ConfigDict()
   copies_option: str | None = None
   flops: Callable[[ml_collections.ConfigDict, bool], Breakdown] | None = None
   masked_log_probs: Callable[..., Callable] | None = None
@@ -140,6 +144,31 @@ def get(name: str) -> Objective:
 
 def names() -> list[str]:
   return sorted(_REGISTRY)
+
+
+def read_options(config: ml_collections.ConfigDict, name: str, defaults: dict[str, Any]) -> ml_collections.ConfigDict:
+  """`config.<name>` (absent = empty) merged over `defaults`; a key not in `defaults` is a one-line
+  ValueError naming the closest known key."""
+  given = dict(config.get(name, None) or {})
+  unknown = sorted(set(given) - set(defaults))
+  if unknown:
+    raise ValueError(f"unknown config.{name} keys {unknown}; {config_lib.closest(unknown[0], defaults)}")
+  options = ml_collections.ConfigDict(dict(defaults))
+  try:
+    options.update(given)  # type-checked against the defaults
+  except TypeError as e:
+    raise ValueError(f"config.{name}: {e}") from None
+  return options
+
+
+def with_defaults(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """A copy of a pretraining config whose objective block holds every option (defaults merged in)."""
+  config = ml_collections.ConfigDict(config.to_dict())
+  objective = get(config.objective)
+  options = objective.options(config)
+  if options:
+    config[objective.name] = options
+  return config
 
 
 def encoder_subtree(params, key: str = "encoder"):

@@ -45,29 +45,19 @@ PREDICT_COPIES = ("mixture", "first")  # predict_masked: the mixture of a [MASK]
 CTC_BLANK = vocab.UNK  # the official CTC variant's blank is <unk>
 
 
-def default_config(**overrides) -> ml_collections.ConfigDict:
-  """The `config.exlm` knobs; absent keys fall back to these."""
-  cfg = ml_collections.ConfigDict(dict(
-      num_copies=4,  # k: states per expanded group (`--ext-state-num`); 1 = one state per target
-      transitions="dag",  # "dag" | "ctc" (ablation "w/o transitions")
-      positions="rope2d",  # "rope2d" | "rope1d_shared" (ablation "w/o 2D RoPE": copy index 0)
-      max_transition_length=-1,  # largest vertex-index jump u -> v (sparse DAG); -1 = unlimited
-      max_link_positions=-1,  # rows of the link head's slot table; -1 = the expanded-length bound
-  ))
-  cfg.update(overrides)
-  return cfg
+# `config.exlm`: a config writes only what it changes; `options(config)` merges these defaults over it.
+DEFAULTS = dict(
+    num_copies=4,  # k: states per expanded group (`--ext-state-num`); 1 = one state per target
+    transitions="dag",  # "dag" | "ctc" (ablation "w/o transitions")
+    positions="rope2d",  # "rope2d" | "rope1d_shared" (ablation "w/o 2D RoPE": copy index 0)
+    max_transition_length=-1,  # largest vertex-index jump u -> v (sparse DAG); -1 = unlimited
+    max_link_positions=-1,  # rows of the link head's slot table; -1 = the expanded-length bound
+)
 
 
 def options(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """`config.exlm` merged over `default_config()`; unknown keys are an error."""
-  opts = default_config()
-  given = config.get("exlm", None)
-  if given is not None:
-    unknown = sorted(set(given) - set(opts))
-    if unknown:
-      raise ValueError(f"unknown config.exlm keys {unknown}; known: {', '.join(sorted(opts))}")
-    opts.update(dict(given))
-  return opts
+  """`config.exlm` merged over `DEFAULTS`; unknown keys are an error."""
+  return base.read_options(config, "exlm", DEFAULTS)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -530,7 +520,7 @@ def analysis_block_length(model: ExLMModel, mask_ratio: float, seq_len: int) -> 
 
 OBJECTIVE = base.register(base.Objective(
     name="exlm", title="ExLM", make_model=make_model, encoder_params=encoder_params, validate=validate,
-    default_config=default_config, copies_option="num_copies", flops=train_flops,
+    options=options, copies_option="num_copies", flops=train_flops,
     masked_log_probs=masked_log_probs, rank_groups=base.RankGroups(rank_groups, {"clean_input": "encoder_clean/real"}),
     dag=base.DagAnalysis(align=ExLMModel.alignment, block_length=analysis_block_length),
     export_note=("ExLM predicts a [MASK] by expanding it into k copies (2-D RoPE copy index) and reading them "

@@ -14,7 +14,7 @@ Loss = cross-entropy summed over valid masked tokens; weight = their number (nor
 
 Params: {'encoder': <exactly an Encoder's params>, 'decoder': ..., 'lm_head': ...}; fine-tuning keeps
 only 'encoder' (`encoder_params`). Ablation knobs of the official code live in `config.maelm`
-(see `default_config`).
+(see `DEFAULTS`).
 """
 
 from __future__ import annotations
@@ -38,21 +38,19 @@ from exlm_jax.objectives.masking import max_masked, select_masked_positions
 from exlm_jax.objectives.mlm import masked_token_metrics
 
 
-def default_config(**overrides) -> ml_collections.ConfigDict:
-  """The `config.maelm` block: the released recipe, plus the ablation knobs that run in the official code."""
-  cfg = ml_collections.ConfigDict(dict(
-      decoder_layers=4,  # --gen-decoder-layers
-      decoder_dim=-1,  # decoder width; -1 = encoder width. Otherwise Linear(C_enc -> C_dec) on the decoder input
-      decoder_heads=-1,  # -1 = encoder heads
-      decoder_mlp_dim=-1,  # -1 = encoder mlp_dim
-      share_pos_emb=False,  # decoder reuses the encoder's absolute table (same width only)
-      decoder_rel_pos=False,  # relative bias in the decoder too (its own table, positions 0..n-1)
-      no_pos_align=False,  # encoder positions 0..K-1 instead of the original ones ("token deletion")
-      no_fill_mask=False,  # zeros instead of the [MASK] embedding at masked decoder inputs
-      mask_in_encoder=False,  # control: [MASK] goes INTO the encoder, same decoder on top
-  ))
-  cfg.update(overrides)
-  return cfg
+# `config.maelm`: the released recipe, plus the ablation knobs that run in the official code. A config
+# writes only what it changes; `options(config)` merges these defaults over it.
+DEFAULTS = dict(
+    decoder_layers=4,  # --gen-decoder-layers
+    decoder_dim=-1,  # decoder width; -1 = encoder width. Otherwise Linear(C_enc -> C_dec) on the decoder input
+    decoder_heads=-1,  # -1 = encoder heads
+    decoder_mlp_dim=-1,  # -1 = encoder mlp_dim
+    share_pos_emb=False,  # decoder reuses the encoder's absolute table (same width only)
+    decoder_rel_pos=False,  # relative bias in the decoder too (its own table, positions 0..n-1)
+    no_pos_align=False,  # encoder positions 0..K-1 instead of the original ones ("token deletion")
+    no_fill_mask=False,  # zeros instead of the [MASK] embedding at masked decoder inputs
+    mask_in_encoder=False,  # control: [MASK] goes INTO the encoder, same decoder on top
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -261,15 +259,9 @@ class MAELMModel(nn.Module):
 # ----------------------------------------------------------------------------------------------
 
 
-def _knobs(config) -> ml_collections.ConfigDict:
-  knobs = default_config()
-  given = config.get("maelm", None)
-  if given is not None:
-    unknown = sorted(set(given.keys()) - set(knobs.keys()))
-    if unknown:
-      raise ValueError(f"unknown config.maelm keys {unknown}; known: {', '.join(sorted(knobs.keys()))}")
-    knobs.update(dict(given))
-  return knobs
+def options(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """`config.maelm` merged over `DEFAULTS`; unknown keys are an error."""
+  return base.read_options(config, "maelm", DEFAULTS)
 
 
 def decoder_config(enc: ModelConfig, knobs) -> ModelConfig:
@@ -290,7 +282,7 @@ def decoder_config(enc: ModelConfig, knobs) -> ModelConfig:
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
-  knobs = _knobs(config)
+  knobs = options(config)
   enc = base.model_config(config)
   if not 0.0 < config.mask_prob < 1.0:
     raise ValueError(f"mask_prob={config.mask_prob} must be in (0, 1) for MAE-LM")
@@ -314,10 +306,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
 
 def make_model(config: ml_collections.ConfigDict, deterministic: bool) -> MAELMModel:
   validate(config)
-  knobs = _knobs(config)
+  knobs = options(config)
   enc = base.model_config(config)
-  options = Options(**{f.name: bool(knobs[f.name]) for f in dataclasses.fields(Options)})
-  return MAELMModel(enc, decoder_config(enc, knobs), float(config.mask_prob), options, deterministic)
+  flags = Options(**{f.name: bool(knobs[f.name]) for f in dataclasses.fields(Options)})
+  return MAELMModel(enc, decoder_config(enc, knobs), float(config.mask_prob), flags, deterministic)
 
 
 _ENCODER_KEYS = ("token_embed", "pos_embed", "rel_bias", "embed_ln", "stack")
@@ -357,7 +349,7 @@ def train_flops(config: ml_collections.ConfigDict, include_remat: bool) -> flops
   """One sequence: the encoder on the K_max kept slots (n with mask_in_encoder), the decoder (its own depth and
   width, post-LN, the encoder's remat) on n slots, the LM head at the M_max masked positions."""
   m, n = config.model, config.seq_len
-  knobs = _knobs(config)
+  knobs = options(config)
   dec = decoder_config(base.model_config(config), knobs)
   m_max = max_masked(config.mask_prob, n)
   k_max = n if knobs.mask_in_encoder else max_kept(config.mask_prob, n)
@@ -385,7 +377,7 @@ def rank_groups(hidden_states, tokens: np.ndarray, selection) -> dict:
 
 OBJECTIVE = base.register(base.Objective(
     name="maelm", title="MAE-LM", make_model=make_model, encoder_params=encoder_params, validate=validate,
-    default_config=default_config, flops=train_flops, masked_log_probs=masked_log_probs,
+    options=options, flops=train_flops, masked_log_probs=masked_log_probs,
     rank_groups=base.RankGroups(rank_groups, headline={"clean_input": "encoder_clean/real"}),
     export_note=("MAE-LM predicts masked tokens with its decoder on top of this encoder; the decoder and LM head "
                  "are not exported, so this folder gives encoder states (for fine-tuning / features), not mask "

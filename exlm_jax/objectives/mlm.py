@@ -96,9 +96,19 @@ class MLMModel(nn.Module):
     return self.lm_head(gathered, self.encoder.embedding)
 
 
+# `config.mlm`: a config writes only what it changes; `options(config)` merges these defaults over it.
+DEFAULTS = dict(
+    bert_corruption=False,  # BERT's 80 % [MASK] / 10 % random token / 10 % unchanged instead of 100 % [MASK]
+)
+
+
+def options(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """`config.mlm` merged over `DEFAULTS`; unknown keys are an error."""
+  return base.read_options(config, "mlm", DEFAULTS)
+
+
 def make_model(config: ml_collections.ConfigDict, deterministic: bool) -> MLMModel:
-  return MLMModel(base.model_config(config), config.mask_prob,
-                  bool(config.get("mlm", {}).get("bert_corruption", False)), deterministic)
+  return MLMModel(base.model_config(config), config.mask_prob, bool(options(config).bert_corruption), deterministic)
 
 
 def masked_log_probs():
@@ -131,7 +141,7 @@ def rank_groups(hidden_states, tokens: np.ndarray, selection) -> dict:
 
 OBJECTIVE = base.register(base.Objective(
     name="mlm", title="MLM", make_model=make_model, flops=train_flops, masked_log_probs=masked_log_probs,
-    exports_masked_lm=True,
+    exports_masked_lm=True, options=options,
     rank_groups=base.RankGroups(
         rank_groups, headline={"clean_input": "clean_input/real", "masked_input": "masked_input/real"},
         mask_subspace=("clean_input/real", "masked_input/mask", "masked_input/real"))))

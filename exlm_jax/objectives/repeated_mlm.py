@@ -107,16 +107,21 @@ class RepeatedMLMModel(nn.Module):
     return loss_sum, count, metrics
 
 
-def default_config(**overrides) -> ml_collections.ConfigDict:
-  """`config.repeated_mlm`: num_copies k and which masked copies the loss covers."""
-  cfg = ml_collections.ConfigDict({"num_copies": 2, "loss": "masked"})
-  cfg.update(overrides)
-  return cfg
+# `config.repeated_mlm`: a config writes only what it changes; `options(config)` merges these defaults over it.
+DEFAULTS = dict(
+    num_copies=2,  # k copies of every content token
+    loss="masked",  # which masked copies the loss covers: "masked" (every one) | "lost" (all k copies masked)
+)
+
+
+def options(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """`config.repeated_mlm` merged over `DEFAULTS`; unknown keys are an error."""
+  return base.read_options(config, "repeated_mlm", DEFAULTS)
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
   """Raises a one-line ValueError for a Repeated-MLM config that cannot work."""
-  opts = config.get("repeated_mlm", default_config())
+  opts = options(config)
   if not isinstance(opts.num_copies, int) or opts.num_copies < 1:
     raise ValueError(f"repeated_mlm.num_copies={opts.num_copies!r}: need an integer k >= 1")
   if opts.loss not in LOSSES:
@@ -125,7 +130,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
 
 def make_model(config: ml_collections.ConfigDict, deterministic: bool) -> RepeatedMLMModel:
   validate(config)
-  opts = config.get("repeated_mlm", default_config())
+  opts = options(config)
   return RepeatedMLMModel(base.model_config(config), float(config.mask_prob), int(opts.num_copies), opts.loss,
                           deterministic)
 
@@ -134,7 +139,7 @@ def train_flops(config: ml_collections.ConfigDict, include_remat: bool) -> flops
   """One sequence: the encoder on the 2 + k (n - 2) repeated slots, the LM head at the Bernoulli bound of
   predicted copies."""
   m, n = config.model, config.seq_len
-  k = int(config.get("repeated_mlm", default_config()).num_copies)
+  k = int(options(config).num_copies)
   length = repeated_length(n, k)
   bound = bernoulli_bound(float(config.mask_prob), length - 2)
   return flops.Breakdown(
@@ -145,4 +150,4 @@ def train_flops(config: ml_collections.ConfigDict, include_remat: bool) -> flops
 
 OBJECTIVE = base.register(base.Objective(
     name="repeated_mlm", title="Repeated-MLM", make_model=make_model, validate=validate,
-    default_config=default_config, copies_option="num_copies", flops=train_flops))
+    options=options, copies_option="num_copies", flops=train_flops))

@@ -16,28 +16,35 @@ import ml_collections
 import numpy as np
 
 from exlm_jax import objectives
+from exlm_jax.data import vocab
 from exlm_jax.train import checkpoint, distributed, flops, partitioning, reporting, steps
 from exlm_jax.train.reporting import note
 
 
 def validate_config(config, num_devices: int, process_count: int = 1) -> None:
-  """Raises a one-line ValueError naming the bad field and how to fix it."""
+  """Every check that needs no data, run before any is read: raises a one-line ValueError naming the bad
+  field and how to fix it. The vocabulary size is checked after the tokenizer (`validate_vocabulary`)."""
   objective = objectives.get(config.objective)
   if not 0.0 < config.mask_prob < 1.0:
     raise ValueError(f"mask_prob={config.mask_prob} must lie in (0, 1), e.g. --config.mask_prob=0.15")
-  if config.seq_len < 4:
-    raise ValueError(f"seq_len={config.seq_len} is too short for `<s> x </s>` blocks; use >= 4")
-  if config.model.positions != "rope2d" and config.seq_len > config.model.max_positions:
+  if config.seq_len < vocab.MIN_BLOCK_LEN:
+    raise ValueError(f"seq_len={config.seq_len} leaves no room for content between <s> and </s>; "
+                     f"use >= {vocab.MIN_BLOCK_LEN}")
+  if config.seq_len > config.model.max_positions:
     raise ValueError(f"seq_len={config.seq_len} exceeds model.max_positions={config.model.max_positions} "
-                     f"of the learned position table; raise model.max_positions or shorten seq_len")
+                     f"(positions={config.model.positions!r}); raise model.max_positions or shorten seq_len")
   if config.total_steps <= 0:
     raise ValueError(f"total_steps={config.total_steps} must be positive")
   if config.warmup_steps < 0:
     raise ValueError(f"warmup_steps={config.warmup_steps} must be >= 0")
-  if config.get("profile_start_step", -1) >= 0 and config.get("profile_num_steps", 3) <= 0:
+  if config.learning_rate <= 0:
+    raise ValueError(f"learning_rate={config.learning_rate} must be positive, e.g. --config.learning_rate=5e-4")
+  if config.keep_checkpoints < 1:
+    raise ValueError(f"keep_checkpoints={config.keep_checkpoints} must be >= 1 (use a large number to keep all)")
+  if config.profile_start_step >= 0 and config.profile_num_steps <= 0:
     raise ValueError(f"profile_num_steps={config.profile_num_steps} must be positive when profiling "
                      f"(profile_start_step={config.profile_start_step}); or set profile_start_step=-1")
-  for field in ("log_every", "eval_every", "checkpoint_every", "grad_accum_steps"):
+  for field in ("batch_size", "log_every", "eval_every", "checkpoint_every", "grad_accum_steps"):
     if config[field] <= 0:
       raise ValueError(f"{field}={config[field]} must be positive")
   dp = partitioning.data_parallel_size(config.mesh, num_devices)
@@ -47,7 +54,18 @@ def validate_config(config, num_devices: int, process_count: int = 1) -> None:
                      f"grad_accum_steps {config.grad_accum_steps} = {unit}")
   if config.batch_size % process_count:
     raise ValueError(f"batch_size={config.batch_size} must be divisible by the {process_count} processes")
-  objective.validate(config)
+  # The model's own checks (heads, dtype, remat, ...) and the objective's, with a stand-in vocabulary
+  # until the tokenizer gives the real one.
+  known = config if config.model.vocab_size > 0 else with_vocab_size(config, vocab.NUM_SPECIAL + 1)
+  objectives.base.model_config(known)
+  objective.validate(known)
+
+
+def validate_vocabulary(config) -> None:
+  """The check that needs the tokenizer: the vocabulary it gave the model has tokens beyond the specials."""
+  if config.model.vocab_size <= vocab.NUM_SPECIAL:
+    raise ValueError(f"model.vocab_size={config.model.vocab_size} has no tokens beyond the {vocab.NUM_SPECIAL} "
+                     "special ones; check the corpus and config.data.tokenizer")
 
 
 def with_vocab_size(config, vocab_size: int) -> ml_collections.ConfigDict:
@@ -151,9 +169,10 @@ def prepare(config, workdir: str):
   """Data, config with the vocabulary size, mesh and TrainSetup for a pretraining run."""
   from exlm_jax.data import pipeline  # pylint: disable=g-import-not-at-top
 
+  validate_config(config, jax.device_count(), jax.process_count())  # before minutes of data preparation
   data = pipeline.load_pretraining_data(config, workdir)
   config = with_vocab_size(config, data.tokenizer.vocab_size)
-  validate_config(config, jax.device_count(), jax.process_count())
+  validate_vocabulary(config)
   mesh = partitioning.create_mesh(config.mesh)
   setup = steps.TrainSetup.create(config, mesh)
   _check_sharding(setup)  # scale-out
@@ -238,6 +257,7 @@ def compile_only(config, workdir: str) -> str:
   if config.model.vocab_size > 0:
     config = with_vocab_size(config, config.model.vocab_size)
     validate_config(config, jax.device_count(), jax.process_count())
+    validate_vocabulary(config)
     setup = steps.TrainSetup.create(config, partitioning.create_mesh(config.mesh))
     _check_sharding(setup)  # scale-out
   else:

@@ -29,6 +29,7 @@ import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
+from exlm_jax import config_lib
 from exlm_jax.models.encoder import logical_axis_rules_default
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -37,8 +38,10 @@ BATCH_AXES = ("data", "fsdp")
 SHARDING_PRESETS = ("dp", "fsdp", "fsdp_tp")
 # Mesh axes each preset is meant to shard parameters over (the sufficiency check's denominator).
 WEIGHT_AXES = {"dp": (), "fsdp": ("fsdp",), "fsdp_tp": ("fsdp", "tensor"), "custom": ("fsdp", "tensor")}
-DEFAULT_SHARDING = "fsdp_tp"
-DEFAULT_TOLERANCE = 0.25  # MaxText uses 0.02 for large models; tiny ones replicate more (biases)
+# For configs without the sharding fields (fine-tuning); MaxText uses a tolerance of 0.02 for large models,
+# tiny ones replicate more (biases).
+DEFAULT_SHARDING = config_lib.SHARDING["sharding"]
+DEFAULT_TOLERANCE = config_lib.SHARDING["sharding_tolerance"]
 
 
 # ----------------------------------------------------------------------------------------------
