@@ -119,7 +119,7 @@ def test_finetuning_steps_through_the_one_trainer_equal_a_direct_computation():
   """TrainSetup on a sharded (data=2, fsdp=4) mesh == an unsharded value_and_grad of FinetuneModel + the
   task loss with dropout key fold_in(PRNGKey(seed), step), followed by the optax update; the pretrained
   encoder is put in place exactly and the head is ClassificationHead.init(PRNGKey(seed))."""
-  config = ft_config.default_config("bbbp")
+  config = config_lib.finetune_config("bbbp")
   config.mesh = ml_collections.ConfigDict(dict(data=2, fsdp=4, tensor=1))
   model_cfg = ModelConfig.from_config(config_lib.model_config("tiny", vocab_size=40, num_layers=1))
   split, seed, total_steps = _multitask_split(), 4, 10
@@ -281,7 +281,7 @@ def test_encoder_handoff_fails_loudly_on_a_mismatched_tree(tmp_path):
   with pytest.raises(ValueError, match=r"does not match the fine-tuning encoder: missing \['stack/layer_2/"):
     handoff.pretrained_encoder(str(tmp_path))
   with pytest.raises(ValueError, match="may only override"):
-    cfg = ft_config.default_config()
+    cfg = config_lib.finetune_config()
     cfg.model.d_model = 64
     ft_config.validate_config(cfg, 8)
 

@@ -1,5 +1,5 @@
-"""Fine-tuning configuration: the defaults every configs/finetune_*.py starts from, their validation
-(one-line errors before any data work) and the optimizer fields train/optim.py reads."""
+"""Fine-tuning configuration: validation of `config_lib.finetune_config`-based configs (one-line errors before
+any data work) and the optimizer fields train/optim.py reads. The defaults live in exlm_jax/config_lib.py."""
 
 from __future__ import annotations
 
@@ -10,56 +10,6 @@ from exlm_jax.train import partitioning
 
 # Model fields a fine-tuning config may change on top of the pretrained architecture.
 MODEL_OVERRIDES = ("dropout_rate", "attention_dropout_rate", "dtype", "remat")
-
-
-def default_config(task: str = "sst2") -> ml_collections.ConfigDict:
-  """Every fine-tuning config starts here (configs/finetune_*.py override fields)."""
-  cfg = ml_collections.ConfigDict()
-  cfg.init_from = ""  # pretraining workdir / checkpoints/ / checkpoints/<step>; "" = random init (baseline)
-  cfg.tokenizer = ""  # init_from="" only: a tokenizer folder / workdir ("" = built from the training split)
-  cfg.finetune = ml_collections.ConfigDict(dict(
-      task=task,  # GLUE task (sst2, cola, ...), MoleculeNet task (bbbp, tox21, ...), or "csv" (config.data.path)
-      pooler_dropout=0.1,  # the head's two dropouts (both papers: 0.1)
-      normalize_targets=True,  # regression: train on (y - mean) / std of the training split; metrics in label units
-      save_checkpoints=True,  # best params per seed under seed_<s>/checkpoints (what exlm_jax.load reads)
-  ))
-  cfg.data = ml_collections.ConfigDict(dict(
-      source="auto",  # GLUE: "auto" | "local" (shared data folder) | "tfds"
-      validation="carve",  # GLUE: "carve" (valid_fraction of train; GLUE dev = test) | "dev" (select on GLUE dev)
-      valid_fraction=0.1,
-      path="",  # CSV tasks: file or "$DATA/..."; setting it makes the task a CSV task
-      smiles_column="smiles",
-      label_columns="",  # comma-separated, e.g. "NR-AR,SR-p53"
-      task_type="multitask_binary",  # CSV: multitask_binary (0/1, missing ok, ROC-AUC) | regression | classification
-      split="scaffold",  # molecules: "scaffold" (deterministic) | "random"
-      fractions=(0.8, 0.1, 0.1),
-      split_seed=0,  # data splits and subsampling; model seeds are `seeds`
-      max_train_examples=-1,  # subsample the training split (quick runs, tests); -1 = all
-      max_eval_examples=-1,  # subsample every other split; -1 = all
-  ))
-  cfg.model = ml_collections.ConfigDict(dict(dropout_rate=0.1, attention_dropout_rate=0.1, dtype="float32",
-                                             remat="none"))  # overrides on the pretrained architecture
-  cfg.scratch_size = "small"  # init_from="": config_lib.MODEL_SIZES entry
-  cfg.scratch_vocab_size = 8000  # init_from="" on text without `tokenizer`: SentencePiece trained on the train split
-  cfg.seq_len = 128
-  cfg.batch_size = 32  # global
-  cfg.eval_batch_size = 64
-  cfg.num_epochs = 3
-  cfg.learning_rate = 2e-5
-  cfg.warmup_ratio = 0.06  # fraction of all steps
-  cfg.lr_schedule = "linear"
-  cfg.adam_b1 = 0.9
-  cfg.adam_b2 = 0.98
-  cfg.adam_eps = 1e-6
-  cfg.weight_decay = 0.1  # ExLM (DinkyTrain); MAE-LM / COCO-LM use 0.01
-  cfg.grad_clip_norm = 0.0  # both papers: no clipping
-  cfg.seeds = (0, 1, 2)
-  cfg.eval_every = 0  # steps between evaluations of the selection split; 0 = `evals_per_epoch` per epoch
-  cfg.evals_per_epoch = 1  # with eval_every=0: evenly spaced, the last at the epoch's end (COCO-LM: 2)
-  cfg.log_every = 50
-  cfg.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
-  cfg.logical_axis_rules = ()
-  return cfg
 
 
 def label_columns(value) -> list[str]:

@@ -42,7 +42,6 @@ from exlm_jax import run_store
 from exlm_jax.finetune import data as data_lib
 from exlm_jax.finetune import results as results_lib
 from exlm_jax.finetune import tasks as tasks_lib
-from exlm_jax.finetune.config import default_config  # noqa: F401  (configs/finetune_*.py call loop.default_config)
 from exlm_jax.finetune.config import optimizer_config, validate_config
 from exlm_jax.finetune.handoff import Initialisation, pretrained_encoder, scratch_initialisation
 from exlm_jax.finetune.metrics import is_improvement
