@@ -206,6 +206,7 @@ def pretrain_config(objective: str = "mlm", size: str = "small", **overrides) ->
   cfg.adam_b2 = 0.98
   cfg.adam_eps = 1e-6
   cfg.weight_decay = 0.01
+  cfg.weight_decay_rule = "all"  # "all": every parameter (both papers' fairseq runs) | "bert": no biases / LayerNorm
   cfg.grad_clip_norm = 0.0  # 0 = no clipping (both papers' pretraining ExLM; MAE-LM uses 2.0)
   cfg.seed = 0
   cfg.log_every = 10
@@ -268,6 +269,7 @@ def finetune_config(task: str = "sst2") -> ml_collections.ConfigDict:
   cfg.adam_b2 = 0.98
   cfg.adam_eps = 1e-6
   cfg.weight_decay = 0.1  # ExLM (DinkyTrain); MAE-LM / COCO-LM use 0.01
+  cfg.weight_decay_rule = "all"  # as pretraining: "all" (fairseq) | "bert" (no biases / LayerNorm)
   cfg.grad_clip_norm = 0.0  # both papers: no clipping
   cfg.seeds = (0, 1, 2)
   cfg.eval_every = 0  # steps between evaluations of the selection split; 0 = `evals_per_epoch` per epoch

@@ -83,8 +83,39 @@ def test_schedule_and_weight_decay_mask():
   schedule = optim.learning_rate_schedule(cfg)
   np.testing.assert_allclose([schedule(0), schedule(5), schedule(10), schedule(60), schedule(110)],
                              [0, 5e-4, 1e-3, 5e-4, 0], atol=1e-9)
-  mask = optim.weight_decay_mask({"kernel": np.zeros((2, 2)), "bias": np.zeros(2), "scale": np.zeros(2)})
-  assert mask == {"kernel": True, "bias": False, "scale": False}
+  tree = {"dense": {"kernel": np.zeros((2, 2)), "bias": np.zeros(2)}, "ln": {"scale": np.zeros(2)},
+          "embed": {"embedding": np.zeros((3, 2))}, "rel_bias": np.zeros((4, 2))}
+  assert optim.weight_decay_mask(tree) == jax.tree.map(lambda _: True, tree)  # default: the papers' rule
+  assert optim.weight_decay_mask(tree, "bert") == {"dense": {"kernel": True, "bias": False}, "ln": {"scale": False},
+                                                   "embed": {"embedding": True}, "rel_bias": True}
+
+
+@pytest.mark.parametrize("rule", optim.WEIGHT_DECAY_RULES)
+def test_one_update_is_identical_with_scan_layers_on_and_off(rule):
+  """Same params, same batch: the scanned model's update equals the unrolled one's, leaf by leaf (the old
+  ndim > 1 rule decayed the scanned model's stacked biases and LayerNorm scales only)."""
+  from exlm_jax.export import hf_weights  # numpy-only layer (un)stacking  pylint: disable=g-import-not-at-top
+
+  def config(scan):
+    cfg = _config(learning_rate=1e-2, warmup_steps=0, lr_schedule="constant", weight_decay=0.5, adam_eps=1.0,
+                  weight_decay_rule=rule)
+    cfg.model.update(scan_layers=scan, dropout_rate=0.0, attention_dropout_rate=0.0)
+    return cfg
+
+  scanned, unrolled = _setup(config(True), data=1, fsdp=1, tensor=1), _setup(config(False), data=1, fsdp=1, tensor=1)
+  params = jax.device_get(scanned.init_state().params)
+  params = jax.tree.map(lambda p: p + 0.1, params)  # non-zero biases, LayerNorm scales != 1
+  flat = {**params, "encoder": hf_weights.unstack_layers(params["encoder"])}
+  state_s = scanned.init_state(override=params)
+  state_u = unrolled.init_state(override=flat)
+  tokens = _tokens()
+  new_s, _ = scanned.train_step(state_s, tokens)
+  new_u, _ = unrolled.train_step(state_u, tokens)
+  after_s = jax.device_get(new_s.params)
+  after_s = {**after_s, "encoder": hf_weights.unstack_layers(after_s["encoder"])}
+  _assert_trees_close(after_s, jax.device_get(new_u.params), 1e-5)  # eps=1 keeps Adam smooth in g
+  moved = jax.tree.map(lambda a, b: float(np.abs(np.asarray(a) - np.asarray(b)).max()), after_s, flat)
+  assert min(jax.tree.leaves(moved)) > 0  # every leaf was updated (decay or gradient)
 
 
 @pytest.mark.parametrize("field,value,message", [
@@ -92,6 +123,7 @@ def test_schedule_and_weight_decay_mask():
     ("batch_size", 6, "divisible by data-parallel size 8"),
     ("warmup_steps", -1, "warmup_steps"),
     ("objective", "bert", "unknown objective"),
+    ("weight_decay_rule", "none", "weight_decay_rule"),
 ])
 def test_config_validation(field, value, message):
   cfg = _config()

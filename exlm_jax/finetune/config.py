@@ -54,4 +54,5 @@ def optimizer_config(config, total_steps: int) -> ml_collections.ConfigDict:
       learning_rate=config.learning_rate, total_steps=total_steps,
       warmup_steps=int(round(config.warmup_ratio * total_steps)), lr_schedule=config.lr_schedule,
       adam_b1=config.adam_b1, adam_b2=config.adam_b2, adam_eps=config.adam_eps,
-      weight_decay=config.weight_decay, grad_clip_norm=config.grad_clip_norm))
+      weight_decay=config.weight_decay, weight_decay_rule=config.weight_decay_rule,
+      grad_clip_norm=config.grad_clip_norm))

@@ -17,7 +17,7 @@ import numpy as np
 
 from exlm_jax import objectives
 from exlm_jax.data import vocab
-from exlm_jax.train import checkpoint, distributed, flops, partitioning, reporting, steps
+from exlm_jax.train import checkpoint, distributed, flops, optim, partitioning, reporting, steps
 from exlm_jax.train.reporting import note
 
 
@@ -39,6 +39,9 @@ def validate_config(config, num_devices: int, process_count: int = 1) -> None:
     raise ValueError(f"warmup_steps={config.warmup_steps} must be >= 0")
   if config.learning_rate <= 0:
     raise ValueError(f"learning_rate={config.learning_rate} must be positive, e.g. --config.learning_rate=5e-4")
+  if config.weight_decay_rule not in optim.WEIGHT_DECAY_RULES:
+    raise ValueError(f"weight_decay_rule={config.weight_decay_rule!r}; choose one of "
+                     f"{', '.join(optim.WEIGHT_DECAY_RULES)}")
   if config.keep_checkpoints < 1:
     raise ValueError(f"keep_checkpoints={config.keep_checkpoints} must be >= 1 (use a large number to keep all)")
   if config.profile_start_step >= 0 and config.profile_num_steps <= 0:

@@ -1,4 +1,10 @@
-"""AdamW with decoupled weight decay, linear warm-up then linear/cosine decay, optional clipping."""
+"""AdamW with decoupled weight decay, linear warm-up then linear/cosine decay, optional clipping.
+
+Weight decay (`weight_decay_rule`): "all" (default) decays every parameter, as both papers' fairseq runs
+do; "bert" leaves biases and LayerNorm parameters undecayed (the BERT / Hugging Face rule). Both rules
+read parameter NAMES, never shapes, so a `scan_layers` model (layers stacked into one leading axis, which
+turns every bias into a 2-D array) gets exactly the optimiser of its unrolled twin.
+"""
 
 from __future__ import annotations
 
@@ -25,9 +31,18 @@ def learning_rate_schedule(config) -> optax.Schedule:
   return optax.join_schedules([warmup, decay], [warmup_steps])
 
 
-def weight_decay_mask(params):
-  """Decay matrices and embeddings; exclude biases and LayerNorm parameters (all 1-D leaves)."""
-  return jax.tree.map(lambda p: p.ndim > 1, params)
+WEIGHT_DECAY_RULES = ("all", "bert")
+_NO_DECAY_BERT = ("bias", "scale")  # Dense/attention biases; LayerNorm scale and bias
+
+
+def weight_decay_mask(params, rule: str = "all"):
+  """Bool tree like `params`: True where decoupled weight decay applies (see the module docstring)."""
+  if rule == "all":
+    return jax.tree.map(lambda _: True, params)
+  if rule == "bert":
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: getattr(path[-1], "key", None) not in _NO_DECAY_BERT, params)
+  raise ValueError(f"weight_decay_rule={rule!r}; choose one of {', '.join(WEIGHT_DECAY_RULES)}")
 
 
 def make_optimizer(config) -> optax.GradientTransformation:
@@ -36,5 +51,6 @@ def make_optimizer(config) -> optax.GradientTransformation:
     parts.append(optax.clip_by_global_norm(config.grad_clip_norm))
   parts.append(optax.adamw(
       learning_rate_schedule(config), b1=config.adam_b1, b2=config.adam_b2, eps=config.adam_eps,
-      weight_decay=config.weight_decay, mask=weight_decay_mask))
+      weight_decay=config.weight_decay,
+      mask=lambda params: weight_decay_mask(params, config.weight_decay_rule)))
   return optax.chain(*parts)
