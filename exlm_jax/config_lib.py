@@ -193,6 +193,7 @@ def pretrain_config(objective: str = "mlm", size: str = "small", **overrides) ->
   """Every pretraining config starts here; experiment files override fields like a paper's table."""
   cfg = ml_collections.ConfigDict()
   cfg.objective = objective
+  cfg.init_from = ""  # "" = random init; "hf:PATH" = a local RoBERTa-style (or exported) Hugging Face checkpoint
   cfg.model = model_config(size)
   cfg.seq_len = 128
   cfg.mask_prob = 0.15

@@ -426,6 +426,12 @@ def roberta_dir(tmp_path_factory, agnews):
   return path
 
 
+def agnews_file(lines, tmp_path) -> pathlib.Path:
+  path = tmp_path / "agnews.txt"
+  path.write_text("\n".join(lines[:200]) + "\n")
+  return path
+
+
 def test_from_hf_round_trip(roberta_dir, agnews, tmp_path):
   hf = from_hf.load_encoder(roberta_dir)
   assert hf.model["positions"] == "absolute" and hf.model["max_positions"] == 40 and not hf.model["pre_ln"]
@@ -452,14 +458,26 @@ def test_from_hf_round_trip(roberta_dir, agnews, tmp_path):
   assert max_diff_at_real(hidden, want_hidden, real) < TOL
   assert max_diff_at_real(logits, want_logits[..., order], real) < TOL
 
-  # 2. As a run (init_from=hf: gives these params and tokenizer), exported again, reloaded by transformers.
-  config = from_hf.apply_to_config(config_lib.pretrain_config("mlm", "tiny"), hf)
-  config.seq_len = 40
-  config.model.vocab_size = hf.tokenizer.vocab_size
+  # 2. A real pretraining run started with init_from=hf: (one update at warm-up step 0, i.e. learning rate 0,
+  #    so the weights stay the checkpoint's), exported again and reloaded by transformers.
+  from exlm_jax.train import loop  # pylint: disable=g-import-not-at-top
+  config = config_lib.pretrain_config("mlm", "tiny", seq_len=40, batch_size=8, total_steps=1, warmup_steps=1,
+                                      log_every=1, eval_every=1, checkpoint_every=1, eval_batches=1,
+                                      async_checkpointing=False, init_from=f"hf:{roberta_dir}")
+  config.data = config_lib.data_config("text", str(agnews_file(agnews, tmp_path)), max_examples=200,
+                                       eval_fraction=0.1, tfds_dir=str(tmp_path / "tfds"))
   run = tmp_path / "run"
-  save_checkpoint(run / "checkpoints", {"encoder": hf.encoder, "lm_head": hf.lm_head})
-  (run / "config.json").write_text(json.dumps(config.to_dict()))
-  hf.tokenizer.save(run / "tokenizer")
+  loop.train_and_evaluate(config, str(run))
+  saved = json.loads((run / "config.json").read_text())
+  assert saved["model"]["positions"] == "absolute" and saved["data"]["tokenizer"] == "hf_tokenizers"
+  restored = exlm_jax.load(run).params
+  np.testing.assert_allclose(restored["encoder"]["token_embed"]["embedding"], hf.encoder["token_embed"]["embedding"])
+  # Fine-tuning from the same checkpoint hands over exactly its encoder.
+  from exlm_jax.finetune import handoff  # pylint: disable=g-import-not-at-top
+  init = handoff.pretrained_encoder(f"hf:{roberta_dir}", dict(dropout_rate=0.0))
+  assert init.objective == "hf" and init.tokenizer.vocab_size == hf.tokenizer.vocab_size
+  for a, b in zip(jax.tree.leaves(init.encoder), jax.tree.leaves(hf.encoder)):
+    np.testing.assert_array_equal(a, b)
   result = to_hf(run, tmp_path / "again")
   assert result.architecture == "RobertaForMaskedLM" and not result.trust_remote_code
   again_ids, again_mask = hf_batch(tmp_path / "again", texts)

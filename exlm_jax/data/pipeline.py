@@ -589,6 +589,9 @@ def _tokenizer_for_run(data_cfg, corpus: builders.Corpus, workdir: str | None) -
       raise ValueError(f"{run_dir} holds a {tok.kind!r} tokenizer but config.data.tokenizer={kind!r}; "
                        "use a fresh workdir (or delete that directory) to change tokenizer")
     return tok
+  if kind == tokenizers.FROM_CHECKPOINT:
+    raise ValueError(f"config.data.tokenizer={kind!r} is a checkpoint's tokenizer and {run_dir} has none; it "
+                     "comes with --config.init_from=hf:PATH (or choose one of " + ", ".join(tokenizers.KINDS) + ")")
   spec = kind if kind == "smiles_regex" else (
       f"{kind}-v{int(data_cfg.vocab_size)}-n{int(data_cfg.get('spm_max_sentences', 500_000))}")
   cache_dir = os.path.join(corpus.data_dir, "exlm_tokenizers", corpus.name.replace("/", "__"), spec)
@@ -602,7 +605,7 @@ def _check_data_config(data_cfg) -> None:
   """Fails fast, before any build, on settings that cannot work together."""
   if data_cfg.name not in ("smiles", "text"):
     raise ValueError(f"config.data.name={data_cfg.name!r}; choose 'smiles' or 'text'")
-  if data_cfg.tokenizer not in tokenizers.KINDS:
+  if data_cfg.tokenizer not in (*tokenizers.KINDS, tokenizers.FROM_CHECKPOINT):
     raise ValueError(f"unknown config.data.tokenizer {data_cfg.tokenizer!r}; "
                      f"choose one of {', '.join(tokenizers.KINDS)}")
   if data_cfg.tokenizer == "smiles_regex" and data_cfg.name != "smiles":

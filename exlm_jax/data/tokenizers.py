@@ -28,6 +28,7 @@ from exlm_jax.data import vocab
 CONFIG_FILE = "tokenizer.json"
 SPM_MODEL_FILE = "spm.model"
 KINDS = ("smiles_regex", "sentencepiece", "smiles_bpe")
+FROM_CHECKPOINT = "hf_tokenizers"  # a Hugging Face checkpoint's own tokenizer (init_from=hf:PATH), never built here
 
 # Ids `decode` leaves out. <unk> is kept (rendered by the tokenizer) so decoded text shows where
 # information was lost instead of hiding it.

@@ -219,3 +219,42 @@ def apply_to_config(config: ml_collections.ConfigDict, hf: HFEncoder) -> ml_coll
     except ValueError as e:
       raise ValueError(f"init_from=hf:{hf.path} cannot start {objective} pretraining: {e}") from None
   return out
+
+
+HF_PREFIX = "hf:"
+
+
+def checkpoint_path(init_from: str) -> str | None:
+  """PATH of `init_from='hf:PATH'`, else None (a workdir, or '' for random init)."""
+  return init_from[len(HF_PREFIX):] if init_from.startswith(HF_PREFIX) else None
+
+
+def initial_params(hf: HFEncoder, config) -> dict:
+  """The params override a run starting from `hf` begins with: the encoder (stacked for scan_layers) and,
+  for an objective that is a plain masked LM (`Objective.exports_masked_lm`), the checkpoint's LM head."""
+  from exlm_jax import objectives  # pylint: disable=g-import-not-at-top
+  encoder = hf_weights.stack_layers(hf.encoder) if config.model.get("scan_layers", False) else hf.encoder
+  override = {"encoder": encoder}
+  if hf.lm_head is not None and objectives.get(config.objective).exports_masked_lm:
+    override["lm_head"] = hf.lm_head
+  return override
+
+
+def start_pretraining(config, workdir: str):
+  """(config, params override) of a pretraining run with `init_from='hf:PATH'`.
+
+  The config takes the checkpoint's architecture and tokenizer (`data.tokenizer='hf_tokenizers'`), the
+  renumbered tokenizer is saved as the run's own (workdir/tokenizer, kept on resume), and the override puts
+  the encoder (and MLM's head) in place of the random init. The notes of the mapping are printed.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  from exlm_jax.data import tokenizers  # pylint: disable=g-import-not-at-top
+  hf = load_encoder(checkpoint_path(config.init_from))
+  config = apply_to_config(config, hf)
+  config.data.tokenizer = hf.tokenizer.kind
+  run_tokenizer = pathlib.Path(workdir) / "tokenizer"
+  if jax.process_index() == 0 and not (run_tokenizer / tokenizers.CONFIG_FILE).exists():
+    tokenizers.save_atomic(hf.tokenizer, run_tokenizer)
+  for note in hf.notes:
+    print(f"init_from={config.init_from}: {note}", flush=True)
+  return config, initial_params(hf, config)

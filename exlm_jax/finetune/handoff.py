@@ -36,8 +36,11 @@ def pretrained_encoder(init_from: str, overrides: dict | None = None) -> Initial
   """Restores `init_from` and returns its encoder params, architecture and tokenizer.
 
   Pretraining runs hand over `objectives.get(objective).encoder_params(params)`; fine-tuning runs
-  (intermediate-task training) their 'encoder' sub-tree. Raises ValueError on a tree mismatch.
+  (intermediate-task training) their 'encoder' sub-tree; `hf:PATH` a Hugging Face checkpoint's encoder and
+  tokenizer (exlm_jax/export/from_hf.py). Raises ValueError on a tree mismatch.
   """
+  if init_from.startswith("hf:"):
+    return hf_encoder(init_from, overrides)
   location = run_store.resolve_run(init_from)
   raw = run_store.read_json(location.workdir / run_store.CONFIG_FILE)
   params, step = run_store.restore_params(location.checkpoint_dir, location.step)
@@ -51,6 +54,15 @@ def pretrained_encoder(init_from: str, overrides: dict | None = None) -> Initial
   source = f"{location.checkpoint_dir}/{step}"
   check_encoder_tree(encoder, model_config, source)
   return Initialisation(model_config, run_store.load_tokenizer(location.workdir), encoder, objective, step, source)
+
+
+def hf_encoder(init_from: str, overrides: dict | None = None) -> Initialisation:
+  """`init_from='hf:PATH'`: the checkpoint's encoder (its pooler / LM head dropped) and renumbered tokenizer."""
+  from exlm_jax.export import from_hf  # pylint: disable=g-import-not-at-top  (the .[hf] extra's side)
+  hf = from_hf.load_encoder(from_hf.checkpoint_path(init_from))
+  model_config = ModelConfig.from_config(hf.model, **(overrides or {}))
+  check_encoder_tree(hf.encoder, model_config, init_from)
+  return Initialisation(model_config, hf.tokenizer, hf.encoder, "hf", None, init_from)
 
 
 def _tokenizer_from(path: str):

@@ -37,6 +37,9 @@ def validate_config(config, num_devices: int, process_count: int = 1) -> None:
     raise ValueError(f"total_steps={config.total_steps} must be positive")
   if config.warmup_steps < 0:
     raise ValueError(f"warmup_steps={config.warmup_steps} must be >= 0")
+  if config.init_from and not config.init_from.startswith("hf:"):
+    raise ValueError(f"init_from={config.init_from!r}: pretraining starts from random init ('') or a Hugging Face "
+                     "checkpoint folder, --config.init_from=hf:PATH")
   if config.learning_rate <= 0:
     raise ValueError(f"learning_rate={config.learning_rate} must be positive, e.g. --config.learning_rate=5e-4")
   if config.weight_decay_rule not in optim.WEIGHT_DECAY_RULES:
@@ -169,17 +172,24 @@ def _perplexity(means: dict) -> dict:
 
 
 def prepare(config, workdir: str):
-  """Data, config with the vocabulary size, mesh and TrainSetup for a pretraining run."""
+  """(data, config with the vocabulary size, TrainSetup, initial params override) of a pretraining run.
+
+  The override is None (random init) unless `init_from='hf:PATH'` starts the run from a checkpoint.
+  """
   from exlm_jax.data import pipeline  # pylint: disable=g-import-not-at-top
 
   validate_config(config, jax.device_count(), jax.process_count())  # before minutes of data preparation
+  override = None
+  if config.init_from:
+    from exlm_jax.export import from_hf  # pylint: disable=g-import-not-at-top  (the .[hf] extra's side)
+    config, override = from_hf.start_pretraining(config, workdir)
   data = pipeline.load_pretraining_data(config, workdir)
   config = with_vocab_size(config, data.tokenizer.vocab_size)
   validate_vocabulary(config)
   mesh = partitioning.create_mesh(config.mesh)
   setup = steps.TrainSetup.create(config, mesh)
   _check_sharding(setup)  # scale-out
-  return data, config, setup
+  return data, config, setup, override
 
 
 def _check_sharding(setup: steps.TrainSetup) -> None:
@@ -193,7 +203,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   workdir = os.path.abspath(workdir)
   os.makedirs(workdir, exist_ok=True)
   reporting.quiet_library_logs()
-  data, config, setup = prepare(config, workdir)
+  data, config, setup, initial = prepare(config, workdir)
   note(f"objective {config.objective} | {setup.num_params() / 1e6:.2f}M parameters | "
        f"mesh {dict(setup.mesh.shape)} | {jax.process_count()} process(es), {jax.device_count()} device(s)")
   note("data: " + ", ".join(f"{k} {v}" for k, v in data.summary.items()))
@@ -205,7 +215,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     state, start_step = checkpoint.restore(manager, setup.abstract_state(), train_iter)
     note(f"resumed from step {start_step} in {manager.directory}")
   else:
-    state, start_step = setup.init_state(), 0
+    state, start_step = setup.init_state(override=initial), 0
 
   started = time.perf_counter()
   compiled = setup.compile_train_step()
@@ -264,7 +274,7 @@ def compile_only(config, workdir: str) -> str:
     setup = steps.TrainSetup.create(config, partitioning.create_mesh(config.mesh))
     _check_sharding(setup)  # scale-out
   else:
-    _, config, setup = prepare(config, workdir)
+    _, config, setup, _ = prepare(config, workdir)
   started = time.perf_counter()
   compiled = setup.compile_train_step()
   summary = (f"compiled {config.objective} train step for mesh {dict(setup.mesh.shape)} in "
