@@ -1,15 +1,15 @@
-"""ExLM base / large: the official README recipe (exlm-reference.md §5.1), pre-LN encoder, 2-D RoPE.
+"""ExLM base / large: the official README recipe (docs/design.md §12.5), pre-LN encoder, 2-D RoPE.
 
   python main.py --config configs/exlm_base.py --config.data.path=/data/wikibooks.txt --workdir gs://bucket/exlm_base
   python main.py --config configs/exlm_base.py:size=large --config.data.path=... --workdir gs://bucket/exlm_large
   python main.py --config configs/exlm_base.py:k=2,accum=16 --config.data.path=... --workdir runs/exlm_k2
 
 Arguments: size=base|large, k (states per expanded group), accum (micro-batches per update: the global
-batch of 4096 sequences = 64/GPU x update-freq 32 x 2 GPUs in the reference; choose accum so that
+batch of 4096 sequences = 64/GPU x update-freq 32 x 2 GPUs in the official command; choose accum so that
 4096 / accum sequences fit the mesh). The corpus (Wikipedia + BookCorpus in the paper) is not shipped:
-set --config.data.path. The reference's GPT-2 BPE (50,265 entries) is replaced by a SentencePiece model
-of the same size trained on the corpus [INFER]; the 23k-update budget is the README's, which may be
-shorter than the paper's headline runs (reference §9.15).
+set --config.data.path. The official recipe's GPT-2 BPE (50,265 entries) is replaced by a SentencePiece model
+of the same size trained on the corpus; the 23k-update budget is the README's, which may be
+shorter than the paper's headline runs (docs/design.md §12.5).
 """
 
 import ml_collections
@@ -20,10 +20,10 @@ from exlm_jax import config_lib
 def reference_config(size: str = "base", k: int = 4, accum: int = 32):
   """The README's pretraining command at a given encoder size."""
   config = config_lib.pretrain_config("exlm", size)
-  # Encoder (reference §2.4-§3.1): pre-LN + final LN, no embedding LN, 2-D RoPE the only position signal.
+  # Encoder (docs/design.md §12.5): pre-LN + final LN, no embedding LN, 2-D RoPE the only position signal.
   config.model.update(pre_ln=True, positions="rope2d", embed_layernorm=False, dropout_rate=0.1,
-                      attention_dropout_rate=0.1, dtype="bfloat16")  # reference: fp16 + loss scaling
-  # --max-positions 2048 only sizes the link head's slot table (reference §9.14); rows past the
+                      attention_dropout_rate=0.1, dtype="bfloat16")  # official: fp16 + loss scaling
+  # --max-positions 2048 only sizes the link head's slot table (docs/design.md §12.3); rows past the
   # expanded-length bound (128 + 3 x 22 = 194) are never indexed.
   config.exlm = ml_collections.ConfigDict(dict(num_copies=k, max_link_positions=2048))
   config.seq_len = 128  # --tokens-per-sample 128

@@ -9,7 +9,7 @@ Arguments: size=small|tiny (tiny: 2-layer width-32 encoder, 2000 molecules: for 
 expanded group), transitions=dag|ctc, positions=rope2d|rope1d_shared, max_examples.
 Optimisation and data match mlm_smiles_small.py so MLM vs ExLM differ only in the objective.
 Sweeps (`get_sweep`): `k` (default) over k in {1, 2, 4}; `ablations` over the rows of the paper's
-ablation table (reference §7.3 / §8.4) that are ExLM switches.
+ablation table that are ExLM switches (docs/design.md §4.5, §12.4).
 """
 
 import ml_collections
@@ -27,7 +27,7 @@ def get_config(arg=None):
       eval_path="$DATA/smiles/moses/test.csv.gz")
   config.seq_len = 128
   config.mask_prob = 0.15
-  # Reference optimiser (§5.1): Adam (0.9, 0.98), eps 1e-6, decoupled wd 0.01, no clipping, linear
+  # ExLM's optimiser (docs/design.md §12.5): Adam (0.9, 0.98), eps 1e-6, decoupled wd 0.01, no clipping, linear
   # decay; LR / warm-up / horizon at the MLM baseline's CPU scale.
   config.batch_size = 64
   config.total_steps = 5000

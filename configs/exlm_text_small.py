@@ -4,7 +4,7 @@
   python main.py --config configs/exlm_text_small.py:size=tiny --config.total_steps=3 --workdir /tmp/exlm_text_tiny
 
 Arguments: size=small|tiny, k, transitions=dag|ctc, positions=rope2d|rope1d_shared.
-Every block ends with </s> (DESIGN.md §2); </s> tokens between packed documents stay ordinary
+Every block ends with </s> (docs/design.md §4.1); </s> tokens between packed documents stay ordinary
 tokens: only <s>, the masked slots and the final </s> are expanded.
 """
 

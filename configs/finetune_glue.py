@@ -10,7 +10,7 @@ Data: SST-2, CoLA and RTE are read offline from the shared data folder; the othe
 TFDS `glue/<task>` (TensorFlow + internet on first use). validation=carve (default) selects on a 10 %
 stratified carve of GLUE train and reports GLUE dev as `test`; validation=dev selects on GLUE dev
 and reports it, as the papers' "best dev" numbers.
-Recipe (exlm-reference §6, maelm-reference §6.2): AdamW (0.9, 0.98), eps 1e-6, weight decay 0.1
+Recipe (docs/design.md §9.5): AdamW (0.9, 0.98), eps 1e-6, weight decay 0.1
 (ExLM / DinkyTrain; MAE-LM / COCO-LM use 0.01), linear decay after 6 % warm-up, dropout 0.1, no
 clipping, validation twice per epoch, 3 seeds (mean ± std). Per-task lr / batch / epochs: `get_sweep`.
 """
@@ -53,7 +53,7 @@ def get_config(arg=None):
 
 
 def get_sweep(arg=None):
-  """The papers' grid (maelm-reference §6.2, COCO-LM run_glue.sh): lr {1,2,3,4}e-5, batch {16, 32},
+  """The papers' grid (COCO-LM run_glue.sh; docs/design.md §9.5): lr {1,2,3,4}e-5, batch {16, 32},
   epochs {2, 3, 5, 10}, warm-up {6.25 %, 10 %} (WARMUP=16 | 10); large tasks skip 10 epochs and 10 % warm-up."""
   task = _arg(arg).task.lower().replace("-", "")
   epochs = (2, 3, 5) if task in LARGE_TASKS else (2, 3, 5, 10)

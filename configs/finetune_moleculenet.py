@@ -14,7 +14,7 @@ ROC-AUC) | regression (RMSE/MAE; targets standardised on the training split) | c
 column of class ids, softmax; accuracy). Setting data.path overrides `task`.
 Split: DeepChem's deterministic scaffold split 80/10/10 (data.split=random for a seeded random one);
 model selection on validation by the main metric, test reported at the best step, mean ± std over
-3 seeds (the Uni-Mol protocol the ExLM authors' sister paper follows, exlm-reference §6).
+3 seeds (the Uni-Mol protocol the ExLM authors' molecular work follows; docs/design.md §9.5).
 """
 
 from exlm_jax import config_lib

@@ -1,4 +1,4 @@
-"""MAE-LM base / base++ (maelm-reference §2.6, §5.2): 12-layer 768-wide post-LN encoder, 4-layer decoder.
+"""MAE-LM base / base++ (docs/design.md §13.5): 12-layer 768-wide post-LN encoder, 4-layer decoder.
 
   python main.py --config configs/maelm_base.py:variant=base --config.data.path=/data/wikibooks.txt \
       --workdir gs://bucket/maelm_base
@@ -7,7 +7,7 @@
 
 Variants: base (16 GB BERT corpus: Wikipedia + BookCorpus) and base++ (160 GB RoBERTa corpus). They share
 the architecture and the released run script's optimisation; they differ in corpus and vocabulary.
-The corpora are not shipped: set --config.data.path. Values marked [INFER] are not in the released code
+The corpora are not shipped: set --config.data.path. Values marked "inferred" are not in the released code
 (vocabulary: the COCO-LM lineage's 32k uncased / 64k cased BPE); the paper's per-setting step counts are
 not retrieved, so `total_steps` is the run script's 2M-update horizon of the linear decay -- override it.
 """
@@ -17,7 +17,7 @@ import ml_collections
 from exlm_jax import config_lib
 
 _VARIANTS = {
-    # name: (sentencepiece vocabulary size [INFER], description)
+    # name: (sentencepiece vocabulary size (inferred), description)
     "base": (32_768, "16 GB: Wikipedia + BookCorpus"),
     "base++": (64_000, "160 GB: RoBERTa corpus"),
 }

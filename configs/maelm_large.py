@@ -1,11 +1,11 @@
-"""MAE-LM large++ (maelm-reference §2.6): 24-layer 1024-wide post-LN encoder, 4-layer decoder of the same
+"""MAE-LM large++ (docs/design.md §13.5): 24-layer 1024-wide post-LN encoder, 4-layer decoder of the same
 width, relative bias 128 bins / max distance 256, 160 GB RoBERTa corpus (set --config.data.path).
 
   python main.py --config configs/maelm_large.py --config.data.path=/data/roberta160g.txt \
       --config.mesh.fsdp=8 --workdir gs://bucket/maelm_large_pp
 
 Optimisation follows the released base run script (the large++ schedule is not retrieved; see
-configs/maelm_base.py). The vocabulary size (64k cased BPE) is [INFER].
+configs/maelm_base.py). The vocabulary size (64k cased BPE) is inferred, not released.
 """
 
 from exlm_jax import config_lib

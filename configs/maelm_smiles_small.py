@@ -19,7 +19,7 @@ from exlm_jax import config_lib
 def get_config(arg=None):
   arg = config_lib.parse_arg(arg, size="small", positions="absolute+relbias", max_examples=200_000)
   config = config_lib.pretrain_config("maelm", arg.size)
-  # MAE-LM's encoder (maelm-reference §2.1-2.4): post-LN, embedding LayerNorm, absolute + relative positions.
+  # MAE-LM's encoder (docs/design.md §13.1): post-LN, embedding LayerNorm, absolute + relative positions.
   config.model.update(pre_ln=False, positions=arg.positions, embed_layernorm=True,
                       max_positions=128, rel_pos_bins=64, max_rel_pos=128)
   config.maelm = ml_collections.ConfigDict()  # the released recipe: every default
@@ -28,7 +28,7 @@ def get_config(arg=None):
   config.data = config_lib.data_config(
       "smiles", "$DATA/smiles/moses/train.csv.gz", column="SMILES", max_examples=arg.max_examples,
       eval_path="$DATA/smiles/moses/test.csv.gz")
-  # Reference optimiser (§5.2): Adam (0.9, 0.98), eps 1e-6, decoupled wd 0.01, clip 2.0, linear decay;
+  # MAE-LM's optimiser (docs/design.md §13.5): Adam (0.9, 0.98), eps 1e-6, decoupled wd 0.01, clip 2.0, linear decay;
   # peak LR / warm-up / horizon scaled down from 2e-4 / 10k / 2M at 2048 x 512 tokens.
   config.batch_size = 128
   config.total_steps = 20_000
@@ -55,7 +55,7 @@ def get_config(arg=None):
 
 
 def get_sweep(arg=None):
-  """Decoder depth x position alignment (reference §9: --gen-decoder-layers, --no-pos-align)."""
+  """Decoder depth x position alignment (official --gen-decoder-layers, --no-pos-align; docs/design.md §13.6)."""
   del arg
   return [{"maelm.decoder_layers": layers, "maelm.no_pos_align": no_pos_align}
           for layers, no_pos_align in itertools.product((1, 2, 4, 6), (False, True))]

@@ -22,7 +22,7 @@ def get_config(arg=None):
   config.seq_len = 128
   config.mask_prob = 0.15
   config.data = config_lib.data_config("text", "$DATA/text/agnews/dev.tsv", column="0", vocab_size=8000)  # no header
-  # Reference optimiser (§5.2), schedule scaled down for a CPU run.
+  # MAE-LM's optimiser (docs/design.md §13.5), schedule scaled down for a CPU run.
   config.batch_size = 64
   config.total_steps = 10_000
   config.learning_rate = 5e-4

@@ -1,4 +1,4 @@
-"""The Repeated-MLM pilot (ExLM reference §8.1) on MOSES SMILES: repeat every token k times, mask each copy w.p. p.
+"""The Repeated-MLM pilot (docs/design.md §10.4) on MOSES SMILES: repeat every token k times, mask each copy w.p. p.
 
   python main.py --config configs/repeated_mlm_smiles_small.py:k=4,fixed=corrupted,ratio=0.15 --workdir runs/rmlm_k4
   python main.py --config configs/repeated_mlm_smiles_small.py:size=tiny --config.total_steps=3 --workdir /tmp/rmlm

@@ -1,6 +1,6 @@
 """An independent float64 numpy forward of the encoder and LM head, for checking the JAX code.
 
-Written from the papers' formulas (reference notes §2.4, §2.3, §3) rather than from the Flax code:
+Written from the papers' formulas (docs/design.md §1.1, §1.3) rather than from the Flax code:
 explicit per-pair RoPE rotation, explicit bucket lookup, explicit softmax.
 """
 

@@ -1,4 +1,4 @@
-"""ExLM: expansion indices (reference §2.3 worked example), copies differ only by the copy index,
+"""ExLM: expansion indices (the worked example of docs/design.md §4.2), copies differ only by the copy index,
 normalised transitions, emissions only at the DAG vertices, float64 numpy reference of the loss
 (brute-force path enumeration), k = 1, the CTC ablation, padded rows, encoder hand-off, configs,
 the sharded step and a short CLI run on MOSES."""
@@ -86,7 +86,7 @@ def dag_run(params):
 
 
 def _expand_reference(tokens, is_masked, k):
-  """Per-slot (token, orig, copy, is_ext) lists and targets, by the reference §2.3 rule + our specials."""
+  """Per-slot (token, orig, copy, is_ext) lists and targets, by the rule of docs/design.md §4.2."""
   rows = []
   for tok, mask in zip(tokens, is_masked):
     length = int((tok != vocab.PAD).sum())
@@ -102,7 +102,7 @@ def _expand_reference(tokens, is_masked, k):
 
 
 def _transitions_reference(states, slots, valid, p, num_heads, max_jump=-1):
-  """Gated multi-head link head (reference §3.3) in float64 with explicit loops over A(u)."""
+  """Gated multi-head link head (docs/design.md §4.4) in float64 with explicit loops over A(u)."""
   p = ref.f64(p)
   z = np.concatenate([states, p["position_embed"]["embedding"][slots]], axis=-1)
   q, k, gate = ref.dense(z, p["query"]), ref.dense(z, p["key"]), ref.dense(z, p["gate"])
@@ -139,7 +139,7 @@ def _dag_brute_force(emit, trans, num_targets, num_vertices):
 
 
 def test_expansion_reproduces_worked_example():
-  # Reference §2.3: k = 3, `<s> a M b M M c </s>`; plus a padded row whose interior </s> (packed
+  # docs/design.md §4.2: k = 3, `<s> a M b M M c </s>`; plus a padded row whose interior </s> (packed
   # documents) stays an ordinary token, and an all-<pad> row.
   a, b_, c = 10, 11, 12
   tokens = np.array([[S, a, 20, b_, 21, 22, c, B, vocab.PAD, vocab.PAD],

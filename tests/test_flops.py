@@ -76,7 +76,7 @@ def test_narrow_maelm_decoder_and_remat_counts():
 
 def test_component_formulas():
   d, f, n, layers = 768, 3072, 512, 12
-  # 6 N_nonembed + 12 L S d per token (anchors.md §6) with N_nonembed = 12 L d^2 at F = 4d.
+  # 6 N_nonembed + 12 L S d per token (docs/design.md §8.5) with N_nonembed = 12 L d^2 at F = 4d.
   per_token = 3 * model_flops.encoder_forward(n, layers, d, f) / n
   assert per_token == pytest.approx(6 * 12 * layers * d**2 + 12 * layers * n * d)
   assert model_flops.lm_head_forward(10, d, 100) == 10 * (2 * d * d + 2 * d * 100)

@@ -305,7 +305,7 @@ def principal_angles(basis_a, basis_b) -> np.ndarray:
 def mask_subspace_diagnostics(clean_real: GramAccumulator, mask_states: GramAccumulator,
                               masked_real: GramAccumulator | None = None, energy: float = 0.9,
                               center: bool = False) -> dict[str, Any]:
-  """The §8.2 "dimensions allocated to [MASK]" numbers for one layer.
+  """The "dimensions allocated to [MASK]" numbers of one layer (docs/design.md §10.1).
 
   Out-of-span energy of the [MASK] states (group 3) outside the rank_eps basis of the clean
   real-token states (group 2); principal angles between the rank_eps subspaces of the real states

@@ -1,7 +1,7 @@
 """Grain input pipeline: corpus -> tokenizer -> token cache -> fixed blocks -> sharded batches.
 
 Every row the trainer sees is exactly `seq_len` slots. Without packing (data.packing=False) a row is
-one example `<s> ... </s>` then `<pad>` (DESIGN.md §2) and a batch is {'tokens': (B, n) int32}:
+one example `<s> ... </s>` then `<pad>` (docs/design.md §2) and a batch is {'tokens': (B, n) int32}:
 - SMILES (data.name='smiles'): one molecule per block. A molecule longer than seq_len - 2 tokens is
   truncated (keeping <s> at 0 and </s> last) or skipped, by data.overlong; counted either way.
 - Text (data.name='text', data.text_units='stream'): documents are tokenized, joined into one stream

@@ -17,5 +17,5 @@ NUM_SPECIAL = len(SPECIAL_TOKENS)
 # The shortest block, `<s> x </s>`: one content token between the specials.
 MIN_BLOCK_LEN = 3
 
-# Never selected for masking (DESIGN.md §2). <unk> is content and may be masked.
+# Never selected for masking (docs/design.md §2.1; why: docs/design.md §11). <unk> is content and may be masked.
 UNMASKABLE = (PAD, BOS, EOS)

@@ -2,7 +2,7 @@
 
 All three pretraining objectives hand over the same `Encoder` parameters (`Objective.encoder_params`),
 so one model serves MLM, MAE-LM and ExLM checkpoints. For ExLM this is "no expansion, copy = 0"
-(exlm-reference §6): no `[MASK]` exists downstream, nothing is expanded, the transition head is
+(docs/design.md §9.1, §12.6): no `[MASK]` exists downstream, nothing is expanded, the transition head is
 dropped.
 
 Head (both papers, fairseq `ClassificationHead`): the `<s>` state (slot 0) -> dropout -> dense(D->D)

@@ -1,4 +1,4 @@
-"""The shared Transformer encoder (DESIGN.md §1), Flax Linen.
+"""The shared Transformer encoder (docs/design.md §1.1), Flax Linen.
 
 One encoder serves all three objectives. What differs between the papers is configuration:
   * ExLM: pre-LN blocks + final LayerNorm, no embedding LayerNorm, `rope2d` positions
@@ -150,7 +150,7 @@ def rope2d_angles(positions: Array, copy_index: Array, head_dim: int, theta: flo
   """cos/sin tables for 2-D rotary embedding, each (B, L, 1, Dh), float32.
 
   Dims [0, Dh/2) are rotated by `positions`, dims [Dh/2, Dh) by `copy_index`; inside each half the
-  GPT-NeoX "rotate-half" pairing (j, j + Dh/4) with frequencies theta^(-2j/(Dh/2)) (reference §2.4).
+  GPT-NeoX "rotate-half" pairing (j, j + Dh/4) with frequencies theta^(-2j/(Dh/2)) (docs/design.md §1.1).
   Copy index 0 leaves the second half unrotated (ordinary tokens).
   """
   half = head_dim // 2
@@ -174,7 +174,7 @@ def apply_rope(x: Array, cos: Array, sin: Array) -> Array:
 def relative_bucket_table(max_positions: int, num_bins: int, max_distance: int) -> np.ndarray:
   """Bucket id for every signed distance r = j - i in [-(P-1), P-1]; index the result with r + P - 1.
 
-  MAE-LM / COCO-LM's function (maelm-reference.md §2.3), computed once in float64 on the host: signed
+  MAE-LM / COCO-LM's function (docs/design.md §1.1), computed once in float64 on the host: signed
   symmetric buckets, exact below nb/2, log-spaced with ceil above, shifted so ids lie in [0, 2nb-2].
   """
   nb = num_bins // 2

@@ -1,4 +1,4 @@
-"""DAG marginal likelihood over expanded states and its Viterbi twin (DESIGN.md §3, exlm-reference §4).
+"""DAG marginal likelihood over expanded states and its Viterbi twin (docs/design.md §5).
 
 Shapes: B batch, M target slots (padded to the batch maximum), S DAG vertices (padded). Row b uses
 targets i < M_b = num_targets[b] and vertices u < S_b = num_vertices[b]; everything else is padding
@@ -10,11 +10,11 @@ sum_i emit[i, a_i] + sum_{i>=1} trans[a_{i-1}, a_i], computed by the forward rec
   alpha_0(u) = emit[0, 0] if u == 0 else -inf,
   alpha_i(u) = emit[i, u] + logsumexp_{v<u}(alpha_{i-1}(v) + trans[v, u]),
 and read off at alpha_{M_b-1}(S_b-1) with a per-row index gather. Rows with no path (e.g. M_b > S_b)
-give -inf; `dag_loss` turns them into a 0 loss (reference §4.5). Values and gradients are NaN-free.
+give -inf; `dag_loss` turns them into a 0 loss (docs/design.md §5.3). Values and gradients are NaN-free.
 
 Two implementations of the same function:
   * `dag_log_likelihood` (kept): `custom_vjp`; the backward pass runs the beta recursion and forms
-    the posteriors of reference §4.4 directly, one (B, S, S) exp per target step;
+    the forward-backward posteriors (docs/design.md §5.4) directly, one (B, S, S) exp per target step;
   * `dag_log_likelihood_autodiff` (oracle in the tests): `lax.scan` forward, JAX autodiff through it.
 
 Measured with `python bench/dag_loss.py --repeats 50` (CPU, 2 cores shared with other jobs at load
@@ -141,7 +141,7 @@ def _log_z_fwd(emit, trans, last_t, last_v):
 
 
 def _log_z_bwd(residuals, g):
-  """Beta recursion + posteriors (reference §4.4).
+  """Beta recursion + posteriors (docs/design.md §5.4).
 
   With the emission-free backward variable bhat_i(u) = beta_i(u) - emit[i, u]:
     bhat_{M_b-1}(u) = 0 if u == S_b-1 else -inf,
@@ -183,7 +183,7 @@ _log_z.defvjp(_log_z_fwd, _log_z_bwd)
 
 def dag_log_likelihood(
     emit_logp: Array, trans_logp: Array, num_targets: Array, num_vertices: Array) -> Array:
-  """Log-likelihood of each row's targets under the DAG (DESIGN.md §3), custom_vjp backward.
+  """Log-likelihood of each row's targets under the DAG (docs/design.md §5), custom_vjp backward.
 
   Args:
     emit_logp: (B, M, S) log P_u(y_i).

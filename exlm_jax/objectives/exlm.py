@@ -1,6 +1,6 @@
 """ExLM: [MASK] positions expanded into k states, trained with a DAG marginal likelihood.
 
-exlm-reference.md §2-§4 and DESIGN.md §2-§3. Per example, inside the jitted step:
+docs/design.md §2, §4, §5. Per example, inside the jitted step:
   1. select m positions (masking.py; <s>, </s>, <pad> never selected) and replace them by [MASK];
   2. expand E = m + 2 groups -- <s> (slot 0), every masked slot, the final </s> (last real slot) --
      into k consecutive slots carrying the same token id; the rotary coordinates are (original
@@ -9,11 +9,11 @@ exlm-reference.md §2-§4 and DESIGN.md §2-§3. Per example, inside the jitted 
   4. gather the k E expanded states into a compact DAG (padded to S_max = k G_max vertices), vertex
      j = g k + c being copy c of group g; emissions log P_u(y_i) of the targets
      Y = [<s>, masked tokens in order, </s>] (logits only at the S_max states) and transitions from
-     the gated multi-head link head (reference §3.3);
+     the gated multi-head link head (docs/design.md §4.4);
   5. per-example loss -log sum_paths P(Y, path) / E (objectives/dag.py); the batch loss is the mean
      over examples, so `weight` = number of non-empty rows.
 Ablations (`config.exlm`): `num_copies` k; `transitions="ctc"` (w/o transitions: every group explains
-its own target by CTC over its k states, reference §8.4); `positions="rope1d_shared"` (w/o 2-D RoPE:
+its own target by CTC over its k states, docs/design.md §4.5); `positions="rope1d_shared"` (w/o 2-D RoPE:
 copies share the original position, copy index 0 everywhere); `max_transition_length` (sparse DAG).
 Fine-tuning uses only the encoder, without expansion (copy index 0): `encoder_params`.
 """
@@ -189,7 +189,7 @@ def mix_transition_heads(scores: Array, gate_logits: Array, allowed: Array) -> A
 
 
 class TransitionHead(nn.Module):
-  """DA-Transformer's gated multi-head link head (reference §3.3), float32 throughout.
+  """DA-Transformer's gated multi-head link head (docs/design.md §4.4), float32 throughout.
 
   z_u = [h_u ; P(slot_u)] (P: learned table over expanded-sequence slots), Q = z W_Q + b and
   K = z W_K + b split into H chunks of Dh, gate logits z W_G + b (H), per-chunk scores
@@ -292,7 +292,7 @@ class ExLMModel(nn.Module):
     return ExLMOutputs(ex, hidden, logits, emit_logp, trans_logp, loss)
 
   def _ctc_loss(self, logits: Array, ex: Expansion, num_targets: Array) -> Array:
-    """Per-example -sum_g log CTC(y_g | group g) / E (reference §8.4)."""
+    """Per-example -sum_g log CTC(y_g | group g) / E (docs/design.md §4.5)."""
     batch, num_vertices, _ = logits.shape
     k = self.num_copies
     lse = jax.nn.logsumexp(logits, axis=-1)

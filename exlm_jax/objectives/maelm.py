@@ -1,4 +1,4 @@
-"""MAE-LM: masked positions are removed from the encoder input (maelm-reference.md §2-§4).
+"""MAE-LM: masked positions are removed from the encoder input (docs/design.md §3).
 
 Per example, inside the jitted step:
   1. select the masked positions (masking.py: same rule as MLM, specials never masked);
@@ -6,7 +6,7 @@ Per example, inside the jitted step:
      their ORIGINAL positions, so both the absolute table and the relative bias see the gaps;
   3. run the encoder on it and put its outputs back at their original positions with a gather through
      the inverse index; masked positions get the raw [MASK] row of the shared token embedding, padding
-     gets zeros (reference §3.4: gathers only, identical to fairseq's boolean-mask scatter);
+     gets zeros (docs/design.md §3.2: gathers only, identical to fairseq's boolean-mask scatter);
   4. a shallow post-LN decoder (4 layers, no dropout, own absolute positions 0..n-1, own embedding
      LayerNorm, no relative bias) runs on the full block;
   5. the tied LM head is applied only at the M_max gathered masked positions.
@@ -125,7 +125,7 @@ def fill_decoder_input(states: jax.Array, is_masked: jax.Array, blank: jax.Array
 
 
 class Decoder(nn.Module):
-  """Shallow bidirectional decoder over the full block (reference §2.1 step 4).
+  """Shallow bidirectional decoder over the full block (docs/design.md §3.3).
 
   (B, n, C_enc) input -> [Linear to C_dec] -> + positions 0..n-1 -> embedding LN -> zero padding ->
   post-LN TransformerStack without dropout (and without relative bias unless `rel_pos`).
@@ -161,7 +161,7 @@ class Decoder(nn.Module):
 
 class ProjectedLMHead(nn.Module):
   """LMHead at decoder width C_dec tied to a (V, C_enc) embedding: Dense -> GELU -> LN -> Linear(C_dec ->
-  C_enc, no bias) -> E^T + bias, as the reference's AELMHead with `embed_linear` when the widths differ."""
+  C_enc, no bias) -> E^T + bias, as the official AELMHead with `embed_linear` when the widths differ."""
 
   cfg: ModelConfig  # the decoder's
 
@@ -299,7 +299,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if knobs.share_pos_emb and enc.positions not in ("absolute+relbias", "absolute"):
     raise ValueError(f"maelm.share_pos_emb needs an encoder with an absolute table, not positions={enc.positions!r}")
   if knobs.share_pos_emb and dec.d_model != enc.d_model:
-    raise ValueError("maelm.share_pos_emb needs decoder_dim == encoder d_model (the reference ignores it otherwise)")
+    raise ValueError("maelm.share_pos_emb needs decoder_dim == encoder d_model (the release ignores it otherwise)")
   if knobs.mask_in_encoder and knobs.no_pos_align:
     raise ValueError("maelm.no_pos_align has no effect with maelm.mask_in_encoder (nothing is removed)")
 

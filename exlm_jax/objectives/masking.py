@@ -1,4 +1,4 @@
-"""Mask selection shared by MLM, MAE-LM and ExLM (DESIGN.md §2), inside the jitted step.
+"""Mask selection shared by MLM, MAE-LM and ExLM (docs/design.md §2.2), inside the jitted step.
 
 The rule, per EXAMPLE: a block holds one example, or several packed ones told apart by `segment_ids`
 (objectives/segments.py; 0 = padding, 1..E the examples in order). For example e with L_e slots

@@ -1,4 +1,4 @@
-"""The Repeated-MLM pilot (ExLM reference §8.1) as a pretraining objective: repeat, mask, predict.
+"""The Repeated-MLM pilot (docs/design.md §10.4) as a pretraining objective: repeat, mask, predict.
 
 The transform of exlm_jax/analysis/repeated_mlm.py inside the jitted step, in JAX, on the pipeline's
 blocks (B, n) -> (B, 2 + k (n - 2)) -- never truncated -- with `mask_prob` = p, every copy at its

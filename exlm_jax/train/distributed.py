@@ -1,4 +1,4 @@
-"""Multi-process start-up and preemption handling (anchors §1.A, §4.7-8).
+"""Multi-process start-up and preemption handling (docs/design.md §8.4).
 
 `initialize(...)` must run before anything asks JAX for devices: it decides whether this process is
 one of many (TPU VM pod, SLURM, Open MPI, or explicit coordinator flags), calls
