@@ -6,7 +6,8 @@ Mesh axes are ("data", "fsdp", "tensor"). `config.mesh` gives each axis's size i
 is dcn x ici. With DCN sizes > 1 the devices are laid out with
 `mesh_utils.create_hybrid_device_mesh`, so that only the dcn part of an axis crosses slices; a
 "slice" is a TPU slice where devices know their `slice_index`, else a process (GPU nodes, CPU).
-Axes are `AxisType.Auto` so Linen's logical constraints apply inside `jax.jit` (jax.make_mesh defaults to Explicit; docs/design.md §8.3).
+Axes are `AxisType.Auto` so Linen's logical constraints apply inside `jax.jit` (jax.make_mesh defaults to
+Explicit; docs/design.md §8.3).
 
 `config.sharding` picks the logical-axis rules (MaxText / big_vision presets):
   'dp'      parameters replicated; the batch is split over data x fsdp (set fsdp = tensor = 1);
