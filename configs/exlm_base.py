@@ -10,6 +10,9 @@ batch of 4096 sequences = 64/GPU x update-freq 32 x 2 GPUs in the official comma
 set --config.data.path. The official recipe's GPT-2 BPE (50,265 entries) is replaced by a SentencePiece model
 of the same size trained on the corpus; the 23k-update budget is the README's, which may be
 shorter than the paper's headline runs (docs/design.md §12.5).
+Matched baselines (`config_lib.matched_baseline`): `objective=mlm` is MLM with everything else of this config
+(encoder, tokenizer, data, schedule, batch, steps, seed); `objective=mlm,budget=equal_flops` is MLM++, trained
+for this method's FLOPs (total_steps resolved when the vocabulary is known).
 """
 
 import ml_collections
@@ -46,7 +49,7 @@ def reference_config(size: str = "base", k: int = 4, accum: int = 32):
 
 
 def get_config(arg=None):
-  arg = config_lib.parse_arg(arg, size="base", k=4, accum=32)
+  arg = config_lib.parse_arg(arg, size="base", k=4, accum=32, objective="exlm", budget="steps")
   if arg.size not in ("base", "large"):
     raise ValueError(f"exlm_base size={arg.size!r}; choose base or large (small/tiny: exlm_text_small.py)")
-  return reference_config(arg.size, arg.k, arg.accum)
+  return config_lib.matched_baseline(reference_config(arg.size, arg.k, arg.accum), arg.objective, arg.budget)

@@ -8,8 +8,13 @@
 Arguments: size=small|tiny (tiny: 2-layer width-32 encoder, 2000 molecules: for tests), k (states per
 expanded group), transitions=dag|ctc, positions=rope2d|rope1d_shared, max_examples.
 Optimisation and data match mlm_smiles_small.py so MLM vs ExLM differ only in the objective.
-Sweeps (`get_sweep`): `k` (default) over k in {1, 2, 4}; `ablations` over the rows of the paper's
+Sweeps (`get_sweep`): `k` (default) over the paper's k in {2, 4, 8}; `mask` over mask ratios {0.15, 0.3, 0.45,
+0.6} (as for MLM); `ablations` over the rows of the paper's
 ablation table that are ExLM switches (docs/design.md §4.5, §12.4).
+Matched baselines (`config_lib.matched_baseline`): `objective=mlm` is MLM with everything else of this config
+(encoder, tokenizer, data, schedule, batch, steps, seed); `objective=mlm,budget=equal_flops` is MLM++, trained
+for this method's FLOPs (total_steps resolved when the vocabulary is known).
+  python main.py --config configs/exlm_smiles_small.py:objective=mlm,budget=equal_flops --workdir runs/mlmpp_smiles
 """
 
 import ml_collections
@@ -19,7 +24,7 @@ from exlm_jax import config_lib
 
 def get_config(arg=None):
   arg = config_lib.parse_arg(arg, size="small", k=4, transitions="dag", positions="rope2d",
-                             max_examples=200_000)
+                             max_examples=200_000, objective="exlm", budget="steps")
   config = config_lib.pretrain_config("exlm", arg.size)
   config.exlm = ml_collections.ConfigDict(dict(num_copies=arg.k, transitions=arg.transitions, positions=arg.positions))
   config.data = config_lib.data_config(
@@ -42,14 +47,17 @@ def get_config(arg=None):
     config.batch_size, config.seq_len, config.data.max_examples = 8, 64, 2000
     config.total_steps, config.warmup_steps, config.log_every, config.eval_every = 20, 2, 5, 10
     config.eval_batches = 2
-  return config
+  return config_lib.matched_baseline(config, arg.objective, arg.budget)
 
 
 def get_sweep(arg=None):
-  """`k`: k in {1, 2, 4}; `ablations`: full ExLM, w/o transitions, w/o 2-D RoPE, sparse DAG (k = 4)."""
+  """`k`: k in {2, 4, 8}; `mask`: mask ratio {0.15, 0.3, 0.45, 0.6}; `ablations`: full ExLM, w/o transitions,
+  w/o 2-D RoPE, sparse DAG (k = 4). (k = 1 is not MLM: it still predicts <s>/</s> and trains transitions.)"""
   arg = config_lib.parse_arg(arg, sweep="k")
   if arg.sweep == "k":
-    return [{"exlm.num_copies": k} for k in (1, 2, 4)]
+    return [{"exlm.num_copies": k} for k in (2, 4, 8)]
+  if arg.sweep == "mask":
+    return [{"mask_prob": p} for p in (0.15, 0.3, 0.45, 0.6)]
   if arg.sweep == "ablations":
     return [
         {},
@@ -57,4 +65,4 @@ def get_sweep(arg=None):
         {"exlm.positions": "rope1d_shared"},
         {"exlm.max_transition_length": 8},  # jumps over at most two groups of k = 4
     ]
-  raise ValueError(f"unknown sweep {arg.sweep!r}; choose k or ablations")
+  raise ValueError(f"unknown sweep {arg.sweep!r}; choose k, mask or ablations")

@@ -6,6 +6,9 @@
 Arguments: size=small|tiny, k, transitions=dag|ctc, positions=rope2d|rope1d_shared.
 Every block ends with </s> (docs/design.md §4.1); </s> tokens between packed documents stay ordinary
 tokens: only <s>, the masked slots and the final </s> are expanded.
+Matched baselines (`config_lib.matched_baseline`): `objective=mlm` is MLM with everything else of this config
+(encoder, tokenizer, data, schedule, batch, steps, seed); `objective=mlm,budget=equal_flops` is MLM++, trained
+for this method's FLOPs (total_steps resolved when the vocabulary is known).
 """
 
 import ml_collections
@@ -14,7 +17,8 @@ from exlm_jax import config_lib
 
 
 def get_config(arg=None):
-  arg = config_lib.parse_arg(arg, size="small", k=4, transitions="dag", positions="rope2d")
+  arg = config_lib.parse_arg(arg, size="small", k=4, transitions="dag", positions="rope2d", objective="exlm",
+                             budget="steps")
   config = config_lib.pretrain_config("exlm", arg.size)
   config.exlm = ml_collections.ConfigDict(dict(num_copies=arg.k, transitions=arg.transitions, positions=arg.positions))
   config.data = config_lib.data_config("text", "$DATA/text/agnews/dev.tsv", vocab_size=8000,
@@ -35,4 +39,4 @@ def get_config(arg=None):
     config.data.update(vocab_size=1000, max_examples=2000)
     config.total_steps, config.warmup_steps, config.log_every, config.eval_every = 20, 2, 5, 10
     config.eval_batches = 2
-  return config
+  return config_lib.matched_baseline(config, arg.objective, arg.budget)

@@ -10,6 +10,9 @@ the architecture and the released run script's optimisation; they differ in corp
 The corpora are not shipped: set --config.data.path. Values marked "inferred" are not in the released code
 (vocabulary: the COCO-LM lineage's 32k uncased / 64k cased BPE); the paper's per-setting step counts are
 not retrieved, so `total_steps` is the run script's 2M-update horizon of the linear decay -- override it.
+Matched baselines (`config_lib.matched_baseline`): `objective=mlm` is MLM with everything else of this config
+(encoder, tokenizer, data, schedule, batch, steps, seed); `objective=mlm,budget=equal_flops` is MLM++, trained
+for this method's FLOPs (total_steps resolved when the vocabulary is known).
 """
 
 import ml_collections
@@ -49,8 +52,9 @@ def reference_config(size: str, vocab_size: int, rel_pos_bins: int, max_rel_pos:
 
 
 def get_config(arg=None):
-  arg = config_lib.parse_arg(arg, variant="base")
+  arg = config_lib.parse_arg(arg, variant="base", objective="maelm", budget="steps")
   if arg.variant not in _VARIANTS:
     raise ValueError(f"unknown variant {arg.variant!r}; choose one of {', '.join(_VARIANTS)}")
   vocab_size, _ = _VARIANTS[arg.variant]
-  return reference_config("base", vocab_size, rel_pos_bins=64, max_rel_pos=128)
+  config = reference_config("base", vocab_size, rel_pos_bins=64, max_rel_pos=128)
+  return config_lib.matched_baseline(config, arg.objective, arg.budget)

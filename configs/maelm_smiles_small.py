@@ -7,6 +7,9 @@
 Arguments: size=small|tiny (tiny: 2-layer width-32 encoder, 2-layer decoder, 2000 molecules: for tests),
 positions=absolute+relbias (the paper's) | rope2d, max_examples (rows read from MOSES).
 The sweep (`get_sweep`) varies the decoder depth and the position alignment of the encoder.
+Matched baselines (`config_lib.matched_baseline`): `objective=mlm` is MLM with everything else of this config
+(encoder, tokenizer, data, schedule, batch, steps, seed); `objective=mlm,budget=equal_flops` is MLM++, trained
+for this method's FLOPs (total_steps resolved when the vocabulary is known).
 """
 
 import itertools
@@ -17,7 +20,8 @@ from exlm_jax import config_lib
 
 
 def get_config(arg=None):
-  arg = config_lib.parse_arg(arg, size="small", positions="absolute+relbias", max_examples=200_000)
+  arg = config_lib.parse_arg(arg, size="small", positions="absolute+relbias", max_examples=200_000, objective="maelm",
+                             budget="steps")
   config = config_lib.pretrain_config("maelm", arg.size)
   # MAE-LM's encoder (docs/design.md §13.1): post-LN, embedding LayerNorm, absolute + relative positions.
   config.model.update(pre_ln=False, positions=arg.positions, embed_layernorm=True,
@@ -51,7 +55,7 @@ def get_config(arg=None):
     config.eval_every = 10
     config.eval_batches = 1
     config.checkpoint_every = 10
-  return config
+  return config_lib.matched_baseline(config, arg.objective, arg.budget)
 
 
 def get_sweep(arg=None):

@@ -6,6 +6,9 @@
 Arguments: size=small|tiny, positions=absolute+relbias (the paper's) | rope2d.
 AG News is only a quick, offline corpus (10k news snippets); the paper pretrains on Wikipedia + BookCorpus
 (configs/maelm_base.py).
+Matched baselines (`config_lib.matched_baseline`): `objective=mlm` is MLM with everything else of this config
+(encoder, tokenizer, data, schedule, batch, steps, seed); `objective=mlm,budget=equal_flops` is MLM++, trained
+for this method's FLOPs (total_steps resolved when the vocabulary is known).
 """
 
 import ml_collections
@@ -14,7 +17,7 @@ from exlm_jax import config_lib
 
 
 def get_config(arg=None):
-  arg = config_lib.parse_arg(arg, size="small", positions="absolute+relbias")
+  arg = config_lib.parse_arg(arg, size="small", positions="absolute+relbias", objective="maelm", budget="steps")
   config = config_lib.pretrain_config("maelm", arg.size)
   config.model.update(pre_ln=False, positions=arg.positions, embed_layernorm=True,
                       max_positions=512, rel_pos_bins=64, max_rel_pos=128)
@@ -45,4 +48,4 @@ def get_config(arg=None):
     config.eval_every = 10
     config.eval_batches = 1
     config.checkpoint_every = 10
-  return config
+  return config_lib.matched_baseline(config, arg.objective, arg.budget)

@@ -1,8 +1,13 @@
 """Quickstart: pretrain a small ExLM encoder on the SMILES file RDKit ships, offline, on CPU.
 
   pip install -e . && python main.py --config configs/quickstart.py --workdir runs/quickstart
-  python main.py --config configs/quickstart.py:objective=mlm --workdir runs/quickstart_mlm    # baselines
+  python main.py --config configs/quickstart.py:objective=mlm --workdir runs/quickstart_mlm    # matched baseline
+  python main.py --config configs/quickstart.py:objective=mlm,budget=equal_flops --workdir runs/quickstart_mlmpp
   python main.py --config configs/quickstart.py:objective=maelm --workdir runs/quickstart_maelm
+  python main.py --config configs/quickstart.py:method=maelm,objective=mlm --workdir runs/quickstart_mlm_maelm_enc
+
+`method` (exlm | maelm; default: `objective` unless that is mlm, then exlm) sets the encoder and recipe;
+`objective` (default: the method) other than the method gives its matched baseline (config_lib.matched_baseline).
 
 Data: rdkit.RDConfig.RDDataDir/NCI/first_5K.smi (5,000 molecules; nothing to download).
 Takes a few minutes on 2 CPU cores; writes checkpoints, TensorBoard events and final metrics.
@@ -14,11 +19,12 @@ from exlm_jax import config_lib
 
 
 def get_config(arg=None):
-  arg = config_lib.parse_arg(arg, objective="exlm", steps=300)
-  config = config_lib.pretrain_config(arg.objective, "small")
-  if arg.objective == "exlm":
+  arg = config_lib.parse_arg(arg, objective="", method="", budget="steps", steps=300)
+  method = arg.method or (arg.objective if arg.objective not in ("", "mlm") else "exlm")
+  config = config_lib.pretrain_config(method, "small")
+  if method == "exlm":
     config.exlm = ml_collections.ConfigDict(dict(num_copies=4))
-  if arg.objective == "maelm":  # MAE-LM's encoder: post-LN, embedding LN, absolute + relative positions
+  if method == "maelm":  # MAE-LM's encoder: post-LN, embedding LN, absolute + relative positions
     config.model.update(pre_ln=False, positions="absolute+relbias", embed_layernorm=True, max_positions=512)
     config.maelm = ml_collections.ConfigDict(dict(decoder_layers=2))
   config.model.num_layers, config.model.d_model, config.model.num_heads, config.model.mlp_dim = 2, 128, 4, 512
@@ -32,4 +38,4 @@ def get_config(arg=None):
   config.eval_every = 100
   config.eval_batches = 4
   config.checkpoint_every = 100
-  return config
+  return config_lib.matched_baseline(config, arg.objective or method, arg.budget)

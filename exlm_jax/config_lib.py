@@ -189,11 +189,41 @@ def data_config(name: str = "smiles", path: str = "", **overrides) -> ml_collect
   return cfg
 
 
+BUDGETS = ("steps", "equal_flops")
+
+
+def matched_baseline(config: ml_collections.ConfigDict, objective: str, budget: str = "steps") -> ml_collections.ConfigDict:
+  """`config` with only its objective swapped: the same encoder, tokenizer, data, schedule, batch, steps and seed.
+
+  The method's own block (`config.<method>`) is dropped and recorded in `matched_to` with its objective and
+  steps, so `budget='equal_flops'` can later give the baseline the method's training FLOPs.
+  `objective` equal to the method's own returns `config` unchanged.
+  """
+  if budget not in BUDGETS:
+    raise ValueError(f"budget={budget!r}; choose one of {', '.join(BUDGETS)}")
+  if objective == config.objective:
+    if budget != "steps":
+      raise ValueError(f"budget={budget!r} matches a baseline to another method; with objective={objective} use steps")
+    return config
+  out = ml_collections.ConfigDict(config.to_dict())
+  method = out.objective
+  options = out[method].to_dict() if method in out else {}
+  if method in out:
+    del out[method]
+  out.objective, out.budget = objective, budget
+  out.matched_to = ml_collections.ConfigDict(dict(objective=method, options=options, total_steps=out.total_steps))
+  return out
+
+
 def pretrain_config(objective: str = "mlm", size: str = "small", **overrides) -> ml_collections.ConfigDict:
   """Every pretraining config starts here; experiment files override fields like a paper's table."""
   cfg = ml_collections.ConfigDict()
   cfg.objective = objective
   cfg.init_from = ""  # "" = random init; "hf:PATH" = a local RoBERTa-style (or exported) Hugging Face checkpoint
+  # "steps": train total_steps; "equal_flops": total_steps resolved (once the vocabulary is known) so that the run
+  # spends the training FLOPs of the method in `matched_to` (MLM++ of the ExLM paper; see `matched_baseline`).
+  cfg.budget = "steps"
+  cfg.matched_to = ml_collections.ConfigDict(dict(objective="", options={}, total_steps=0))
   cfg.model = model_config(size)
   cfg.seq_len = 128
   cfg.mask_prob = 0.15

@@ -24,8 +24,6 @@ ALLOWED = {
     # The analysis tool called `repeated_mlm` (the pilot's ratio grid) is a tool name, not an objective branch.
     ("exlm_jax/analysis/__main__.py", "repeated_mlm"),
     ("exlm_jax/analysis/repeated_mlm.py", "repeated_mlm"),
-    # Pending issue 12 step 2 (configs as data): pretrain_config still writes the MLM block itself.
-    ("exlm_jax/config_lib.py", "mlm"),
 }
 # Pending the fine-tuning rewrite (issue 12 step 4): it still reads the run store through `api`.
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 
 import jax
+import ml_collections
 
 from exlm_jax import objectives
 from exlm_jax.models.flops import Breakdown
@@ -154,3 +155,35 @@ def dot_flops(jaxpr) -> float:
     inner = sum(dot_flops(sub) for value in eqn.params.values() for sub in _sub_jaxprs(value))
     total += inner * (eqn.params["length"] if name == "scan" else 1)
   return total
+
+
+# ----------------------------------------------------------------------------------------------
+# Budgets
+# ----------------------------------------------------------------------------------------------
+
+
+def method_config(config):
+  """The config of the method a baseline is matched to (`config.matched_to`): its objective and block back."""
+  out = ml_collections.ConfigDict(config.to_dict())
+  matched = out.matched_to
+  out.objective = matched.objective
+  out[matched.objective] = ml_collections.ConfigDict(dict(matched.options))
+  out.total_steps = int(matched.total_steps)
+  return out
+
+
+def resolve_budget(config):
+  """`budget='equal_flops'`: total_steps = round(F_method * steps_method / F_baseline) with F the static-shape
+  training FLOPs per step (`train_flops_per_step`, the count checked against XLA); needs model.vocab_size.
+  The resolved value replaces total_steps (warm-up keeps its steps); 'steps' returns the config unchanged."""
+  if config.get("budget", "steps") == "steps":
+    return config
+  matched = config.matched_to
+  if not matched.objective:
+    raise ValueError("budget=equal_flops needs the method it matches (matched_to); start from a method config's "
+                     "objective=<baseline> argument, e.g. configs/exlm_smiles_small.py:objective=mlm,budget=equal_flops")
+  method = method_config(config)
+  steps = round(train_flops_per_step(method) * int(matched.total_steps) / train_flops_per_step(config))
+  out = ml_collections.ConfigDict(config.to_dict())
+  out.total_steps = max(int(steps), 1)
+  return out

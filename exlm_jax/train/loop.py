@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from exlm_jax import objectives
+from exlm_jax import config_lib, objectives
 from exlm_jax.data import vocab
 from exlm_jax.train import checkpoint, distributed, flops, optim, partitioning, reporting, steps
 from exlm_jax.train.reporting import note
@@ -40,6 +40,8 @@ def validate_config(config, num_devices: int, process_count: int = 1) -> None:
   if config.init_from and not config.init_from.startswith("hf:"):
     raise ValueError(f"init_from={config.init_from!r}: pretraining starts from random init ('') or a Hugging Face "
                      "checkpoint folder, --config.init_from=hf:PATH")
+  if config.budget not in config_lib.BUDGETS:
+    raise ValueError(f"budget={config.budget!r}; choose one of {', '.join(config_lib.BUDGETS)}")
   if config.learning_rate <= 0:
     raise ValueError(f"learning_rate={config.learning_rate} must be positive, e.g. --config.learning_rate=5e-4")
   if config.weight_decay_rule not in optim.WEIGHT_DECAY_RULES:
@@ -184,8 +186,11 @@ def prepare(config, workdir: str):
     from exlm_jax.export import from_hf  # pylint: disable=g-import-not-at-top  (the .[hf] extra's side)
     config, override = from_hf.start_pretraining(config, workdir)
   data = pipeline.load_pretraining_data(config, workdir)
-  config = with_vocab_size(config, data.tokenizer.vocab_size)
+  config = flops.resolve_budget(with_vocab_size(config, data.tokenizer.vocab_size))
   validate_vocabulary(config)
+  if config.budget != "steps":
+    note(f"budget {config.budget}: total_steps={config.total_steps}, the training FLOPs of "
+         f"{config.matched_to.objective} at {config.matched_to.total_steps} steps")
   mesh = partitioning.create_mesh(config.mesh)
   setup = steps.TrainSetup.create(config, mesh)
   _check_sharding(setup)  # scale-out
