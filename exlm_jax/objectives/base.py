@@ -201,6 +201,19 @@ def model_config(config: ml_collections.ConfigDict, **overrides) -> ModelConfig:
   return ModelConfig.from_config(config.model, **overrides)
 
 
+def max_examples_per_block(config: ml_collections.ConfigDict) -> int:
+  """The most examples one block holds (the static bound of per-example masking, compaction and expansion):
+  `data.max_examples_per_block` with `data.packing` on, else 1."""
+  data = config.get("data", None) or {}
+  if not data.get("packing", False):
+    return 1
+  value = data.get("max_examples_per_block", -1)
+  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+    raise ValueError(f"config.data.max_examples_per_block={value!r} with data.packing on: the model needs the "
+                     "resolved bound (an integer >= 1); load the data first (it writes the value back) or set it")
+  return int(value)
+
+
 def dummy_tokens(batch_size: int, seq_len: int) -> jax.Array:
   """A valid block `<s> x ... x </s>` for shape-only initialisation."""
   tokens = jnp.full((batch_size, seq_len), vocab.NUM_SPECIAL, jnp.int32)

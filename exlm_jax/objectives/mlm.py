@@ -108,7 +108,8 @@ def options(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
 
 def make_model(config: ml_collections.ConfigDict, deterministic: bool) -> MLMModel:
-  return MLMModel(base.model_config(config), config.mask_prob, bool(options(config).bert_corruption), deterministic)
+  return MLMModel(base.model_config(config), config.mask_prob, bool(options(config).bert_corruption), deterministic,
+                  base.max_examples_per_block(config))
 
 
 def masked_log_probs():
@@ -119,7 +120,7 @@ def masked_log_probs():
 def train_flops(config: ml_collections.ConfigDict, include_remat: bool) -> flops.Breakdown:
   """One sequence: the encoder on n slots, the LM head at the M_max masked positions."""
   m, n = config.model, config.seq_len
-  m_max = max_masked(config.mask_prob, n)
+  m_max = max_masked(config.mask_prob, n, base.max_examples_per_block(config))
   return flops.Breakdown(
       encoder=flops.model_encoder_train(m, n, include_remat),
       lm_head=3 * flops.lm_head_forward(m_max, m.d_model, m.vocab_size),
