@@ -41,9 +41,12 @@ import json
 import math
 import pathlib
 from collections.abc import Mapping, Sequence
-from typing import Any
+
+import jax
+import ml_collections
 
 from exlm_jax import run_store
+from exlm_jax.models.encoder import ModelConfig
 
 KINDS = (run_store.PRETRAIN, run_store.FINETUNE)
 FIELDS = ("kind", "objective", "budget", "matched_to", "encoder", "encoder_fingerprint", "data", "data_fingerprint",
@@ -59,6 +62,11 @@ def _plain(config) -> dict:
   return config.to_dict() if hasattr(config, "to_dict") else dict(config)
 
 
+def _as_json(payload):
+  """`payload` as it reads back from JSON (tuples become lists, ...), so a card's fingerprints survive a round trip."""
+  return json.loads(json.dumps(payload, default=str))
+
+
 def fingerprint(payload) -> str:
   """sha256 of the canonical JSON (sorted keys, no spaces) of `payload`."""
   text = json.dumps(payload, sort_keys=True, separators=(",", ":"), default=str)
@@ -68,9 +76,9 @@ def fingerprint(payload) -> str:
 def encoder_fields(model) -> dict:
   """Every ModelConfig field of a config's `model` section, absent ones at their default (keys such as `size`,
   which only name a preset, are not fields)."""
-  from exlm_jax.models.encoder import ModelConfig  # pylint: disable=g-import-not-at-top  (flax)
   model = _plain(model)
-  return {f.name: model.get(f.name, f.default) for f in dataclasses.fields(ModelConfig)}
+  defaults = {f.name: None if f.default is dataclasses.MISSING else f.default for f in dataclasses.fields(ModelConfig)}
+  return _as_json({name: model.get(name, default) for name, default in defaults.items()})
 
 
 def architecture(encoder: Mapping) -> dict:
@@ -79,22 +87,21 @@ def architecture(encoder: Mapping) -> dict:
 
 
 def data_fingerprint(data: Mapping) -> str:
+  """sha256 of the data fields; `path` left out when the content hash is known."""
   return fingerprint({k: v for k, v in data.items() if not (k == "path" and data.get("content_sha256"))})
 
 
 def describe_devices() -> str:
   """'N x <device kind> (<platform>)' of this job's devices."""
-  import jax  # pylint: disable=g-import-not-at-top
   device = jax.devices()[0]
   return f"{jax.device_count()} x {device.device_kind} ({device.platform})"
 
 
 def _static_flops_per_step(config: dict) -> float | None:
-  from exlm_jax.train import flops  # pylint: disable=g-import-not-at-top  (objectives import JAX)
+  from exlm_jax.train import flops  # pylint: disable=g-import-not-at-top  (the objectives' models)
   objective = config.get("objective")
   if not objective or not flops.has_model(objective):
     return None
-  import ml_collections  # pylint: disable=g-import-not-at-top
   return float(flops.train_flops_per_step(ml_collections.ConfigDict(config)))
 
 
@@ -126,13 +133,13 @@ def build_card(kind: str, config, data_summary: Mapping, perf: Mapping, device: 
       raise ValueError(f"build_card needs perf[{key!r}] (this session's value)")
   config = _plain(config)
   encoder = encoder_fields(config.get("model", {}))
-  data = {"path": data_summary.get("source") or config.get("data", {}).get("source")
+  data = _as_json({"path": data_summary.get("source") or config.get("data", {}).get("source")
           or config.get("data", {}).get("path") or None,
           "content_sha256": data_summary.get("content_sha256"),
           "tokenizer": data_summary.get("tokenizer"),
           "vocab_size": data_summary.get("vocab_size", encoder["vocab_size"]),
           "records": data_summary.get("train_records"),
-          "max_example_len": data_summary.get("max_example_len")}
+          "max_example_len": data_summary.get("max_example_len")})
   steps = int(perf["step"])
   per_step = perf.get("flops_per_step")
   per_step = _static_flops_per_step(config) if per_step is None else float(per_step)

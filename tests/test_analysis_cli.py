@@ -62,7 +62,8 @@ def _card_summary(card: dict) -> dict:
   """A run card's data section as the data summary build_card reads."""
   data = card["data"]
   return {"source": data["path"], "content_sha256": data["content_sha256"], "tokenizer": data["tokenizer"],
-          "vocab_size": data["vocab_size"], "train_records": data["records"], "max_example_len": data["max_example_len"]}
+          "vocab_size": data["vocab_size"], "train_records": data["records"],
+          "max_example_len": data["max_example_len"]}
 
 
 def _write_missing_cards(out: dict, tokenizer) -> None:

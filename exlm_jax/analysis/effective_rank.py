@@ -390,7 +390,7 @@ def collect_states(run: inputs.Run, blocks: np.ndarray, batch_size: int = 32, se
   mask_group = groups.mask_subspace[1] if groups.mask_subspace else None
   target = MASK_ROWS_PER_DIM * int(run.config.model.d_model)
   mask_rows = 0
-  for draw in range(max(1, max_mask_draws) if mask_group else 1):
+  for draw in range(max_mask_draws if mask_group else 1):
     for index, tokens in batches:
       selection = inputs.select_masks(tokens, float(run.config.mask_prob), seed, draw * len(batches) + index)
       for group, (layers, rows) in groups.collect(states, tokens, selection).items():
@@ -433,6 +433,8 @@ def analyse(workdir, data: str, out_dir: str, energy: float = 0.9, center: bool 
     if mode not in MODES:
       raise ValueError(f"mode {mode!r}; use 'corpus' and/or 'per_sequence'")
   normalise_layers((), normalise)  # a bad value fails before any work
+  if max_mask_draws < 1:
+    raise ValueError(f"max_mask_draws={max_mask_draws}; use >= 1")
   groups = _rank_groups(run)
   blocks = inputs.load_data_blocks(data, run, max_sequences) if blocks is None else blocks
   corpus = RankCollector()

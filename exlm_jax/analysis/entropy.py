@@ -202,17 +202,13 @@ def block_length_limit(run: inputs.Run, mask_ratios: Sequence[float], width: int
   """The longest block length <= width the run can score at every ratio: `width` for a prediction rule, the
   objective's `dag.block_length` at each ratio for a DAG objective (ExLM's link table is sized for its
   training mask_prob), minimised over the ratios."""
-  _check_ratios(mask_ratios)
+  for ratio in mask_ratios:
+    if not 0.0 < ratio < 1.0:
+      raise ValueError(f"mask ratio {ratio} must be in (0, 1)")
   dag = run.spec.dag
   if dag is None:
     return int(width)
   return min(int(dag.block_length(run.model(mask_prob=float(r)), float(r), int(width))) for r in mask_ratios)
-
-
-def _check_ratios(mask_ratios: Sequence[float]) -> None:
-  for ratio in mask_ratios:
-    if not 0.0 < ratio < 1.0:
-      raise ValueError(f"mask ratio {ratio} must be in (0, 1)")
 
 
 def analyse(workdir, data: str, out_dir: str, mask_ratios: Sequence[float] = inputs.DEFAULT_MASK_RATIOS,

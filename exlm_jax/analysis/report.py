@@ -54,7 +54,8 @@ def check_cards(names: Sequence[str], workdirs: Sequence[str], allow_mismatch: b
   cards = {name: run_card.read_card(run_store.resolve_run(w).workdir) for name, w in zip(names, workdirs)}
   mismatches = [f"{name}: no {run_store.RUN_CARD_FILE} (a run from before run cards), so its encoder, data and "
                 "budget cannot be checked" for name, card in cards.items() if card is None]
-  mismatches += run_card.compare_cards({n: c for n, c in cards.items() if c is not None}) if any(cards.values()) else []
+  present = {name: card for name, card in cards.items() if card is not None}
+  mismatches += run_card.compare_cards(present) if present else []
   if mismatches and len(names) > 1 and not allow_mismatch:
     raise ValueError("runs are not matched: " + "; ".join(mismatches) + ". Compare runs with the same encoder, "
                      "data and budget (list the reference run first), or pass --allow_mismatch to report anyway")
