@@ -5,6 +5,7 @@ Layout (pretraining and fine-tuning alike):
   <workdir>/tokenizer/             the tokenizer the run trained with
   <workdir>/checkpoints/<step>/    Orbax checkpoints, item 'state' (+ 'data_iter' in pretraining)
   <workdir>/final_metrics.json     written when the run finishes
+  <workdir>/run_card.json          what the run was (encoder, data, budget, steps, FLOPs): exlm_jax/run_card.py
 fine-tuning only:
   <workdir>/task.json              the task (type, outputs, label statistics, pretraining objective)
   <workdir>/results.json           per-seed results and the best validation seed ('best_seed')
@@ -35,6 +36,7 @@ CONFIG_FILE = "config.json"
 TASK_FILE = "task.json"
 RESULTS_FILE = "results.json"
 FINAL_METRICS_FILE = "final_metrics.json"
+RUN_CARD_FILE = "run_card.json"
 TOKENIZER_DIR = "tokenizer"
 CHECKPOINTS_DIR = "checkpoints"
 SEED_PREFIX = "seed_"
@@ -180,6 +182,12 @@ def pretrain_objective(location: RunLocation) -> str:
   if location.kind == FINETUNE:
     return read_json(location.workdir / TASK_FILE)["pretrain_objective"]
   return read_json(location.workdir / CONFIG_FILE).get("objective", "")
+
+
+def read_run_card(workdir) -> dict | None:
+  """<workdir>/run_card.json as written (exlm_jax/run_card.py validates it); None when the run has none."""
+  path = pathlib.Path(workdir) / RUN_CARD_FILE
+  return read_json(path) if path.is_file() else None
 
 
 def model_config_from_run(config: dict, overrides: dict | None = None) -> ModelConfig:

@@ -157,6 +157,31 @@ def test_identical_rows_have_centred_rank_zero():
   np.testing.assert_array_equal(er.per_sequence_ranks(np.tile(h, (2, 7, 1)), None, 0.9, center=True), [0, 0])
 
 
+def test_layernorm_normalisation_makes_the_rank_blind_to_token_scale_and_offset():
+  """A residual stream whose token states grow in norm and drift in offset (a pre-LN intermediate layer) has
+  the rank of its normalised states: the tool's stated normalisation, checked against scipy's z-score."""
+  rng = np.random.default_rng(11)
+  d = 16
+  states = rng.normal(size=(6, 40, 5)) @ rng.normal(size=(5, d)) + 0.1 * rng.normal(size=(6, 40, d))
+  scale = np.exp(rng.normal(0.0, 1.5, size=(6, 40, 1)))  # per-token norms over ~2 orders of magnitude
+  stream = scale * states + rng.normal(size=(6, 40, 1))  # plus a per-token offset on every feature
+  normalised = er.normalise_layers([states, stream], "layernorm")
+  np.testing.assert_allclose(normalised[0], scipy.stats.zscore(states, axis=-1), atol=1e-12)
+  np.testing.assert_allclose(normalised[1], normalised[0], atol=1e-9)
+  for center in (False, True):
+    ranks = {name: er.GramAccumulator(d).update(h).rank(0.9, center).rank
+             for name, h in (("raw", states), ("raw stream", stream), ("normalised", normalised[0]),
+                             ("normalised stream", normalised[1]))}
+    assert ranks["normalised"] == ranks["normalised stream"]
+    assert ranks["raw"] != ranks["raw stream"]  # without it, the scales decide
+  np.testing.assert_array_equal(er.per_sequence_ranks(normalised[1], None, 0.9),
+                                er.per_sequence_ranks(normalised[0], None, 0.9))
+  assert er.normalise_layers([stream], "none")[0] is stream
+  np.testing.assert_array_equal(er.layer_norm_rows(np.ones((2, 3))), np.zeros((2, 3)))  # constant rows stay 0
+  with pytest.raises(ValueError, match="normalise"):
+    er.normalise_layers([states], "rms")
+
+
 def test_out_of_span_energy_and_principal_angles():
   rng = np.random.default_rng(4)
   d = 10

@@ -13,6 +13,7 @@ import itertools
 import flax
 import flax.linen as nn
 import jax
+import ml_collections
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -30,7 +31,7 @@ def _config(positions, packing, **knobs):
   config = config_lib.pretrain_config("maelm", "tiny", seq_len=N, mask_prob=P)
   config.model.update(vocab_size=V, pre_ln=False, positions=positions, embed_layernorm=True, max_positions=64,
                       rel_pos_bins=16, max_rel_pos=24)
-  config.maelm = maelm.default_config(**{"decoder_layers": 1, **knobs})
+  config.maelm = ml_collections.ConfigDict({"decoder_layers": 1, **knobs})
   config.data.packing = packing
   config.data.max_examples_per_block = E if packing else -1
   return config

@@ -184,9 +184,8 @@ def _masked_sums_fn(run: inputs.Run):
   return sums
 
 
-def _state_sums_fn(run: inputs.Run, mask_ratio: float, seq_len: int):
-  """(fn(tokens, selection) -> {'state' | 'path' | 'mixture': (sum, count)} over the masked targets, the block
-  length n' <= seq_len the model can align at `mask_ratio`)."""
+def _state_sums_fn(run: inputs.Run, mask_ratio: float):
+  """fn(tokens, selection) -> {'state' | 'path' | 'mixture': (sum, count)} over the masked targets."""
   dag = run.spec.dag
   model = run.model(mask_prob=float(mask_ratio))
 
@@ -196,37 +195,52 @@ def _state_sums_fn(run: inputs.Run, mask_ratio: float, seq_len: int):
 
   jitted = inputs.cached(run, "state_entropy", lambda: jax.jit(
       lambda params, t, mk: model.apply({"params": params}, t, mk, method=body)), float(mask_ratio))
-  return (lambda tokens, selection: jax.device_get(jitted(run.params, tokens, selection.is_masked)),
-          dag.block_length(model, mask_ratio, seq_len))
+  return lambda tokens, selection: jax.device_get(jitted(run.params, tokens, selection.is_masked))
+
+
+def block_length_limit(run: inputs.Run, mask_ratios: Sequence[float], width: int) -> int:
+  """The longest block length <= width the run can score at every ratio: `width` for a prediction rule, the
+  objective's `dag.block_length` at each ratio for a DAG objective (ExLM's link table is sized for its
+  training mask_prob), minimised over the ratios."""
+  for ratio in mask_ratios:
+    if not 0.0 < ratio < 1.0:
+      raise ValueError(f"mask ratio {ratio} must be in (0, 1)")
+  dag = run.spec.dag
+  if dag is None:
+    return int(width)
+  return min(int(dag.block_length(run.model(mask_prob=float(r)), float(r), int(width))) for r in mask_ratios)
 
 
 def analyse(workdir, data: str, out_dir: str, mask_ratios: Sequence[float] = inputs.DEFAULT_MASK_RATIOS,
             max_sequences: int = 512, batch_size: int = 32, seed: int = 0,
-            blocks: np.ndarray | None = None) -> dict:
+            blocks: np.ndarray | None = None, block_len: int | None = None) -> dict:
   """Mean predictive entropy (nats) at masked positions per mask ratio; writes entropy.json / entropy.png.
 
   Prediction rule: 'masked'. DAG states, over the [MASK] groups only: 'state' (every expanded state), 'path'
-  (states on the Viterbi path), 'mixture' (the posterior-weighted emission mixture per masked target); the
-  blocks are shortened where a ratio would expand them past what the model can align (`block_len` per ratio).
+  (states on the Viterbi path), 'mixture' (the posterior-weighted emission mixture per masked target).
+  Every ratio is scored on the same blocks cut to ONE length, `block_len` (recorded): by default the longest
+  the run can score at every ratio (`block_length_limit`); `report` passes the shortest over its runs, so
+  every objective in a report is scored on identical blocks.
   """
   from exlm_jax.analysis import plots  # pylint: disable=g-import-not-at-top  (matplotlib)
   run = inputs.as_run(workdir)
   if run.spec.dag is None and run.spec.masked_log_probs is None:
     raise ValueError(f"entropy does not know objective {run.objective!r} (it has no prediction rule and no DAG)")
   blocks = inputs.load_data_blocks(data, run, max_sequences) if blocks is None else blocks
+  limit = block_length_limit(run, mask_ratios, blocks.shape[1])
+  if block_len is None:
+    block_len = limit
+  elif block_len > limit:
+    raise ValueError(f"block length {block_len} is longer than {run.name} can score at mask ratios "
+                     f"{list(mask_ratios)} ({limit}); use a shorter one")
+  blocks = inputs.shorten_blocks(blocks, block_len)
   series: dict[str, list[float]] = {}
   counts: dict[str, list[int]] = {}
-  block_lens = []
   masked_sums = _masked_sums_fn(run) if run.spec.dag is None else None
   for ratio in mask_ratios:
-    if not 0.0 < ratio < 1.0:
-      raise ValueError(f"mask ratio {ratio} must be in (0, 1)")
     accs: dict[str, MeanAccumulator] = {}
-    sums_fn, length = ((masked_sums, blocks.shape[1]) if masked_sums is not None
-                       else _state_sums_fn(run, ratio, blocks.shape[1]))
-    ratio_blocks = inputs.shorten_blocks(blocks, length)
-    block_lens.append(int(ratio_blocks.shape[1]))
-    for index, tokens in inputs.batches(ratio_blocks, batch_size):
+    sums_fn = masked_sums if masked_sums is not None else _state_sums_fn(run, ratio)
+    for index, tokens in inputs.batches(blocks, batch_size):
       for name, (s, c) in sums_fn(tokens, inputs.select_masks(tokens, ratio, seed, index)).items():
         accs.setdefault(name, MeanAccumulator()).add(s, c)
     for name, acc in accs.items():
@@ -237,7 +251,7 @@ def analyse(workdir, data: str, out_dir: str, mask_ratios: Sequence[float] = inp
       "tool": "entropy", "workdir": run.workdir, "objective": run.objective, "step": run.step, "data": data,
       "num_sequences": int(len(blocks)), "seed": seed, "units": "nats", "log_vocab": math.log(vocab_size),
       "train_mask_prob": float(run.config.mask_prob), "mask_ratios": [float(r) for r in mask_ratios],
-      "block_len": block_lens, "entropy": series, "count": counts,
+      "block_len": int(blocks.shape[1]), "block_len_limit": limit, "entropy": series, "count": counts,
   }
   label = lambda name: f"{run.name} ({name})"  # noqa: E731
   result["plots"] = {"entropy": plots.plot_entropy_vs_mask_ratio(

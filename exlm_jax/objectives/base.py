@@ -57,21 +57,26 @@ class Alignment(NamedTuple):
   num_states: jax.Array  # (B,) int32
 
 
+CLEAN_INPUT = "clean_input/real"  # effective_rank's group for every objective: the clean input, every real token
+
+
 @dataclasses.dataclass(frozen=True)
 class RankGroups:
   """The token groups `effective_rank` measures on an objective's encoder (exlm_jax/analysis/effective_rank.py).
 
+  Every objective is measured on the same rows: CLEAN_INPUT, the encoder on the clean blocks at every real
+  (content) token, computed by the tool itself. An objective adds the views its pretraining shows the encoder:
   collect: (hidden_states, tokens (B, n) int numpy, selection) -> {group: (states, rows)}: `selection` is the
     pretraining mask rule at the run's mask_prob (a MaskSelection of numpy arrays), `hidden_states(tokens,
     positions | None, padding)` returns the encoder's L + 1 hidden states (numpy (B, n', D) each), `states` is
-    such a tuple and `rows` (B, n') bool the token states of the group.
-  headline: report column -> group: 'clean_input' (real tokens on the clean input), optionally 'masked_input'.
+    such a tuple and `rows` (B, n') bool the token states of the group; None = no view beyond CLEAN_INPUT.
+  headline: report column -> group, beyond 'clean_input' (always CLEAN_INPUT), e.g. 'masked_input'.
   mask_subspace: (clean real, [MASK], masked real) groups of the [MASK]-subspace diagnostic; None when the
-    encoder never sees [MASK].
+    encoder never sees [MASK]. The tool draws masks until the [MASK] group holds >= 20 d rows.
   """
 
-  collect: Callable[[Callable, np.ndarray, Any], dict]
-  headline: Mapping[str, str]
+  collect: Callable[[Callable, np.ndarray, Any], dict] | None = None
+  headline: Mapping[str, str] = dataclasses.field(default_factory=dict)
   mask_subspace: tuple[str, str, str] | None = None
 
 
@@ -82,7 +87,8 @@ class DagAnalysis:
 
   align: Linen method body (model, tokens (B, n), is_masked (B, n)) -> Alignment, for a fixed mask.
   block_length: (model, mask_ratio, seq_len) -> the longest block n' <= seq_len the model can align at
-    mask_ratio (ValueError when none can).
+    mask_ratio (ValueError when none can); the entropy tool cuts every run's blocks in one report to the
+    shortest such length over its runs and ratios, so all objectives are scored on the same blocks.
   """
 
   align: Callable[[nn.Module, jax.Array, jax.Array], Alignment]

@@ -28,7 +28,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 
 from exlm_jax.data import vocab
 from exlm_jax.models import flops
@@ -500,12 +499,6 @@ def train_flops(config: ml_collections.ConfigDict, include_remat: bool) -> flops
       shapes=(("seq_len", n), ("expanded_len", length), ("groups_max", groups), ("vertices_max", vertices)))
 
 
-def rank_groups(hidden_states, tokens: np.ndarray, selection) -> dict:  # pylint: disable=unused-argument
-  """effective_rank's group: 'encoder_clean/real', the encoder on the clean input with copy index 0 (no
-  expansion), as fine-tuning runs it."""
-  return {"encoder_clean/real": (hidden_states(tokens, None, tokens == vocab.PAD), base.content_slots(tokens))}
-
-
 def analysis_block_length(model: ExLMModel, mask_ratio: float, seq_len: int) -> int:
   """Longest block n' <= seq_len whose expanded length at `mask_ratio` fits the link head's slot table
   (sized for the training mask_prob)."""
@@ -521,7 +514,8 @@ def analysis_block_length(model: ExLMModel, mask_ratio: float, seq_len: int) -> 
 OBJECTIVE = base.register(base.Objective(
     name="exlm", title="ExLM", make_model=make_model, encoder_params=encoder_params, validate=validate,
     options=options, copies_option="num_copies", flops=train_flops,
-    masked_log_probs=masked_log_probs, rank_groups=base.RankGroups(rank_groups, {"clean_input": "encoder_clean/real"}),
+    masked_log_probs=masked_log_probs,
+    rank_groups=base.RankGroups(),  # the shared clean-input group only: ExLM's encoder without expansion
     dag=base.DagAnalysis(align=ExLMModel.alignment, block_length=analysis_block_length),
     export_note=("ExLM predicts a [MASK] by expanding it into k copies (2-D RoPE copy index) and reading them "
                  "with its LM and transition heads; those heads are not exported. The encoder runs with copy "

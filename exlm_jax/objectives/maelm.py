@@ -458,19 +458,17 @@ def train_flops(config: ml_collections.ConfigDict, include_remat: bool) -> flops
 
 
 def rank_groups(hidden_states, tokens: np.ndarray, selection) -> dict:
-  """effective_rank's groups: 'encoder_clean/real' the encoder on the clean input (group 4),
-  'encoder_compact/real' on the compacted masked input with original positions, as seen in pretraining."""
-  clean = hidden_states(tokens, None, tokens == vocab.PAD)
+  """effective_rank's view beyond the shared clean input (base.CLEAN_INPUT): 'encoder_compact/real' the
+  encoder on the compacted masked input with original positions, as seen in pretraining."""
   view = jax.device_get(compact_kept(jnp.asarray(tokens), jnp.asarray(selection.is_masked), tokens.shape[1]))
   compact = hidden_states(view.tokens, view.positions, view.padding)
-  return {"encoder_clean/real": (clean, base.content_slots(tokens)),
-          "encoder_compact/real": (compact, base.content_slots(view.tokens))}
+  return {"encoder_compact/real": (compact, base.content_slots(view.tokens))}
 
 
 OBJECTIVE = base.register(base.Objective(
     name="maelm", title="MAE-LM", make_model=make_model, encoder_params=encoder_params, validate=validate,
     options=options, flops=train_flops, masked_log_probs=masked_log_probs,
-    rank_groups=base.RankGroups(rank_groups, headline={"clean_input": "encoder_clean/real"}),
+    rank_groups=base.RankGroups(rank_groups),
     export_note=("MAE-LM predicts masked tokens with its decoder on top of this encoder; the decoder and LM head "
                  "are not exported, so this folder gives encoder states (for fine-tuning / features), not mask "
                  "filling.")))

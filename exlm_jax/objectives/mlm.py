@@ -128,15 +128,12 @@ def train_flops(config: ml_collections.ConfigDict, include_remat: bool) -> flops
 
 
 def rank_groups(hidden_states, tokens: np.ndarray, selection) -> dict:
-  """effective_rank's groups (real = content tokens): 'masked_input/real' the real unmasked tokens of the
-  masked input (group 1), 'clean_input/real' the same positions on the clean input (group 2),
+  """effective_rank's masked-input views (real = content tokens; the clean input is the tool's shared
+  base.CLEAN_INPUT): 'masked_input/real' the real unmasked tokens of the masked input (group 1),
   'masked_input/mask' the [MASK] states (group 3)."""
-  padding = tokens == vocab.PAD
   masked = np.asarray(selection.is_masked)
-  kept = base.content_slots(tokens) & ~masked
-  clean_states = hidden_states(tokens, None, padding)
-  masked_states = hidden_states(np.where(masked, vocab.MASK, tokens), None, padding)
-  return {"masked_input/real": (masked_states, kept), "clean_input/real": (clean_states, kept),
+  masked_states = hidden_states(np.where(masked, vocab.MASK, tokens), None, tokens == vocab.PAD)
+  return {"masked_input/real": (masked_states, base.content_slots(tokens) & ~masked),
           "masked_input/mask": (masked_states, masked)}
 
 
@@ -144,5 +141,5 @@ OBJECTIVE = base.register(base.Objective(
     name="mlm", title="MLM", make_model=make_model, flops=train_flops, masked_log_probs=masked_log_probs,
     exports_masked_lm=True, options=options,
     rank_groups=base.RankGroups(
-        rank_groups, headline={"clean_input": "clean_input/real", "masked_input": "masked_input/real"},
-        mask_subspace=("clean_input/real", "masked_input/mask", "masked_input/real"))))
+        rank_groups, headline={"masked_input": "masked_input/real"},
+        mask_subspace=(base.CLEAN_INPUT, "masked_input/mask", "masked_input/real"))))
