@@ -114,6 +114,14 @@ def _summed(previous: Mapping | None, key: str, session):
   return None if previous.get(key) is None else previous[key] + session
 
 
+def _matched_to(config) -> dict | None:
+  """{objective, options, total_steps} of the method a baseline was matched to (config_lib.matched_baseline)."""
+  matched = config.get("matched_to")
+  if not matched or not matched.get("objective"):
+    return None
+  return json.loads(json.dumps(matched.to_dict() if hasattr(matched, "to_dict") else dict(matched)))
+
+
 def build_card(kind: str, config, data_summary: Mapping, perf: Mapping, device: str,
                previous: Mapping | None = None) -> dict:
   """The run card of a run (fields and sources in the module docstring).
@@ -145,7 +153,7 @@ def build_card(kind: str, config, data_summary: Mapping, perf: Mapping, device: 
   per_step = _static_flops_per_step(config) if per_step is None else float(per_step)
   card = {
       "kind": kind, "objective": config.get("objective"), "budget": config.get("budget") or DEFAULT_BUDGET,
-      "matched_to": config.get("matched_to") or None,
+      "matched_to": _matched_to(config),
       "encoder": encoder, "encoder_fingerprint": fingerprint(architecture(encoder)),
       "data": data, "data_fingerprint": data_fingerprint(data),
       "steps": steps, "tokens_seen": steps * int(config["batch_size"]) * int(config["seq_len"]),

@@ -3,6 +3,7 @@
 import hashlib
 import json
 
+import ml_collections
 import pytest
 
 from exlm_jax import config_lib, run_card, run_store
@@ -49,11 +50,13 @@ def test_card_fields_from_config_summary_and_perf():
 def test_producers_not_there_yet_give_none():
   summary = {k: v for k, v in SUMMARY.items() if k not in ("content_sha256", "max_example_len")}
   config = _config()
-  config.budget, config.matched_to = "equal_flops", "exlm_smiles_small"
+  config.budget = "equal_flops"
+  config.matched_to = ml_collections.ConfigDict(dict(objective="exlm", options={"num_copies": 4}, total_steps=100))
   card = _card(config, summary, flops_per_step=2.0)
   assert card["data"]["content_sha256"] is None and card["data"]["max_example_len"] is None
   assert card["real_tokens_seen"] is None and card["train_flops"] == 200.0
-  assert card["budget"] == "equal_flops" and card["matched_to"] == "exlm_smiles_small"
+  assert card["budget"] == "equal_flops" and card["matched_to"] == {
+      "objective": "exlm", "options": {"num_copies": 4}, "total_steps": 100}
   with pytest.raises(ValueError, match="wall_time_s"):
     run_card.build_card("pretrain", config, summary, {"step": 3}, "cpu")
   with pytest.raises(ValueError, match="kind"):

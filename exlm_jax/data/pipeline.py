@@ -663,6 +663,8 @@ def load_pretraining_data(config, workdir: str | None) -> PretrainingData:
   for split in splits:
     meta = _read_meta(directory, split)
     summary[f"{split}_tokens"] = meta["tokens"]
+    if split == "train":  # the longest example trained on, <s> and </s> included (not the block size)
+      summary["max_example_len"] = min(meta["max_len"] + 2, seq_len) if mode == "records" else seq_len
     summary["unk_tokens"] = summary.get("unk_tokens", 0) + meta["unk_tokens"]
     if mode == "records":
       offsets = np.load(os.path.join(directory, f"{split}.offsets.npy"))

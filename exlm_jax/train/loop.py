@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from exlm_jax import config_lib, objectives
+from exlm_jax import config_lib, objectives, run_card
 from exlm_jax.data import vocab
 from exlm_jax.train import checkpoint, distributed, flops, optim, partitioning, reporting, steps
 from exlm_jax.train.reporting import note
@@ -265,6 +265,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
            "num_params": setup.num_params(), "wall_time_s": time.perf_counter() - started,
            "objective": config.objective, "preempted": step < config.total_steps}
   checkpoint.write_json(os.path.join(workdir, "final_metrics.json"), final)
+  if jax.process_index() == 0:
+    run_card.update_card(workdir, "pretrain", config, data.summary,
+                         {"step": step, "wall_time_s": final["wall_time_s"],
+                          "real_tokens_seen": log.perf.get("real_tokens_seen")})
   note(f"done: checkpoints in {workdir}/checkpoints, TensorBoard events in {workdir}/tensorboard, "
        f"tokenizer in {workdir}/tokenizer, metrics in {workdir}/final_metrics.json")
   return final
