@@ -6,13 +6,17 @@ Layout (pretraining and fine-tuning alike):
   <workdir>/checkpoints/<step>/    Orbax checkpoints, item 'state' (+ 'data_iter' in pretraining)
   <workdir>/final_metrics.json     written when the run finishes
   <workdir>/run_card.json          what the run was (encoder, data, budget, steps, FLOPs): exlm_jax/run_card.py
+  <workdir>/config_history.json    pretraining: what each resume changed in config.json (train/resume.py)
+  <workdir>/checkpoints/corrupt/   steps that failed to restore, moved aside (train/checkpoint.py)
+  <workdir>/.lock                  held while a run writes the workdir (train/workdir_lock.py)
 fine-tuning only:
   <workdir>/task.json              the task (type, outputs, label statistics, pretraining objective)
   <workdir>/results.json           per-seed results and the best validation seed ('best_seed')
   <workdir>/seed_<s>/checkpoints/  the best params of seed s
 
 `resolve_run` accepts a workdir, its checkpoints/ folder, one checkpoints/<step> folder or a fine-tuning
-seed folder; `restore_params` reads only the params of a checkpoint (never the optimizer state);
+seed folder; `restore_params` reads only the params of a checkpoint (never the optimizer state), the
+newest one that reads cleanly (damaged newer steps are named in a warning and left where they are);
 `write_json` is the one JSON writer (atomic, process 0 only). Every user of a workdir -- the trainers,
 fine-tuning, the analyses and `exlm_jax.load` -- goes through this module.
 """
@@ -21,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import pathlib
 from typing import Any
@@ -32,11 +37,15 @@ import orbax.checkpoint as ocp
 
 from exlm_jax.models.encoder import ModelConfig
 
+log = logging.getLogger(__name__)
+
 CONFIG_FILE = "config.json"
 TASK_FILE = "task.json"
 RESULTS_FILE = "results.json"
 FINAL_METRICS_FILE = "final_metrics.json"
 RUN_CARD_FILE = "run_card.json"
+CONFIG_HISTORY_FILE = "config_history.json"
+LOCK_FILE = ".lock"
 TOKENIZER_DIR = "tokenizer"
 CHECKPOINTS_DIR = "checkpoints"
 SEED_PREFIX = "seed_"
@@ -63,6 +72,11 @@ def _jsonable(x):
   if isinstance(x, (np.generic, np.ndarray)):
     return x.tolist()
   return str(x)
+
+
+def as_json(payload):
+  """`payload` as write_json stores it and read_json gives it back (tuples as lists, numpy as Python values)."""
+  return json.loads(json.dumps(payload, default=_jsonable))
 
 
 def write_json(path, payload) -> None:
@@ -101,7 +115,7 @@ def _is_step_dir(path: pathlib.Path) -> bool:
   return path.is_dir() and path.name.isdigit()
 
 
-def _has_steps(path: pathlib.Path) -> bool:
+def has_steps(path: pathlib.Path) -> bool:
   return path.is_dir() and any(_is_step_dir(p) for p in path.iterdir())
 
 
@@ -112,7 +126,7 @@ def _seed_of(path: pathlib.Path) -> int:
 def _finetune_seed(workdir: pathlib.Path, seed: int | None) -> int:
   """The requested seed, else the best validation seed from results.json, else the first seed folder."""
   seeds = sorted(_seed_of(p) for p in workdir.glob(f"{SEED_PREFIX}*") if p.name[len(SEED_PREFIX):].isdigit()
-                 and _has_steps(p / CHECKPOINTS_DIR))
+                 and has_steps(p / CHECKPOINTS_DIR))
   if seed is not None:
     if seed not in seeds:
       raise FileNotFoundError(f"{workdir} has no checkpoint for seed {seed}; seeds with checkpoints: {seeds}")
@@ -159,7 +173,7 @@ def _locate(workdir: pathlib.Path, checkpoint_dir: pathlib.Path | None, step: in
       checkpoint_dir = seed_dir(workdir, seed) / CHECKPOINTS_DIR
     else:
       checkpoint_dir = workdir / CHECKPOINTS_DIR
-  if not _has_steps(checkpoint_dir):
+  if not has_steps(checkpoint_dir):
     raise FileNotFoundError(f"{workdir} has {CONFIG_FILE} but no checkpoint under {checkpoint_dir}; "
                             "let the run reach its first checkpoint (checkpoint_every) or pass another path")
   if step is not None and not (checkpoint_dir / str(step)).is_dir():
@@ -205,29 +219,57 @@ def load_tokenizer(workdir):
   return tokenizers.load(directory)
 
 
+def error_summary(error: BaseException, limit: int = 300) -> str:
+  """`Type: first line of the message`, cut to `limit` characters (Orbax errors span pages)."""
+  lines = str(error).strip().splitlines()
+  first = lines[0].split(" See full TensorStore details")[0] if lines else ""
+  text = f"{type(error).__name__}: {first}"
+  return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
 def restore_params(checkpoint_dir, step: int | None = None, sharding: jax.sharding.Sharding | None = None
                    ) -> tuple[Any, int]:
-  """(params, step) from `checkpoint_dir/<step>` (latest when None): only the state's 'params' are read
-  (a partial PyTree restore: the optimizer state of a pretraining checkpoint is never loaded).
+  """(params, step) from `checkpoint_dir/<step>`: only the state's 'params' are read (a partial PyTree
+  restore: the optimizer state of a pretraining checkpoint is never loaded).
 
+  step None: the newest step that reads cleanly; a newer step that does not (a truncated or missing array
+  file, no state/) is named in a warning and left in place (only the trainer moves steps aside).
+  Failing that, or for an explicit `step` that does not read, a one-line ValueError naming the path.
   Every array is placed with `sharding` (default: the first local device), whatever mesh wrote it.
   """
-  manager = ocp.CheckpointManager(pathlib.Path(checkpoint_dir).absolute(),
-                                  item_handlers={"state": ocp.PyTreeCheckpointHandler()})
+  checkpoint_dir = pathlib.Path(checkpoint_dir).absolute()
+  sharding = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  manager = ocp.CheckpointManager(checkpoint_dir, item_handlers={"state": ocp.PyTreeCheckpointHandler()})
   try:
-    step = manager.latest_step() if step is None else step
-    if step is None:
+    candidates = sorted(manager.all_steps(), reverse=True) if step is None else [step]
+    if not candidates:
       raise FileNotFoundError(f"no checkpoint in {checkpoint_dir}")
-    sharding = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    metadata = manager.item_metadata(step)["state"]
-    if "params" not in metadata:
-      raise ValueError(f"checkpoint {checkpoint_dir}/{step} has no 'params' in its state "
-                       f"(keys {sorted(metadata)}); is it an exlm_jax checkpoint?")
-    target = {"params": jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding),
-                                     metadata["params"])}
-    restore_args = ocp.checkpoint_utils.construct_restore_args(target)
-    restored = manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.PyTreeRestore(item=target, restore_args=restore_args, partial_restore=True)))
+    failures = []  # (step, error summary), newest first
+    for candidate in candidates:
+      try:
+        params = _read_params(manager, checkpoint_dir, candidate, sharding)
+      except Exception as e:  # pylint: disable=broad-except  (any damage: Orbax, TensorStore, JSON, OS errors)
+        failures.append((candidate, error_summary(e)))
+        continue
+      for bad, why in failures:
+        log.warning("checkpoint %s/%d does not read (%s); using step %d", checkpoint_dir, bad, why, candidate)
+      return params, candidate
   finally:
     manager.close()
-  return restored["state"]["params"], step
+  newest, why = failures[0]
+  tried = f"; none of its {len(failures)} steps reads" if len(failures) > 1 else ""
+  raise ValueError(f"checkpoint {checkpoint_dir}/{newest} cannot be read ({why}){tried}: is a run still writing it, "
+                   "or was it damaged? Pass another step or workdir")
+
+
+def _read_params(manager: ocp.CheckpointManager, checkpoint_dir: pathlib.Path, step: int, sharding):
+  metadata = manager.item_metadata(step)["state"]
+  if "params" not in metadata:
+    raise ValueError(f"checkpoint {checkpoint_dir}/{step} has no 'params' in its state "
+                     f"(keys {sorted(metadata)}); is it an exlm_jax checkpoint?")
+  target = {"params": jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding),
+                                   metadata["params"])}
+  restore_args = ocp.checkpoint_utils.construct_restore_args(target)
+  restored = manager.restore(step, args=ocp.args.Composite(
+      state=ocp.args.PyTreeRestore(item=target, restore_args=restore_args, partial_restore=True)))
+  return restored["state"]["params"]

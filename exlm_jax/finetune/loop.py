@@ -47,7 +47,8 @@ from exlm_jax.finetune.handoff import Initialisation, pretrained_encoder, scratc
 from exlm_jax.finetune.metrics import is_improvement
 from exlm_jax.finetune.model import ClassificationHead, FinetuneLoss
 from exlm_jax.models.encoder import ModelConfig
-from exlm_jax.train import checkpoint, partitioning, reporting, steps
+from exlm_jax.train import checkpoint, partitioning, reporting, steps, workdir_lock
+from exlm_jax.train.divergence import DivergenceGuard
 from exlm_jax.train.reporting import note
 
 log = logging.getLogger(__name__)
@@ -134,6 +135,7 @@ def train_seed(config, setup: steps.TrainSetup, task: tasks_lib.TaskData, encode
   shuffle = np.random.default_rng(seed)
   best = {"value": None, "step": 0, "epoch": 0, "metrics": {}}
   best_params, history, last_eval = None, [], {}
+  guard = DivergenceGuard()
   step = 0
   for epoch in range(1, config.num_epochs + 1):
     order = shuffle.permutation(len(train))
@@ -141,6 +143,9 @@ def train_seed(config, setup: steps.TrainSetup, task: tasks_lib.TaskData, encode
       batch = data_lib.make_batch(train, order[b * config.batch_size:(b + 1) * config.batch_size], config.batch_size)
       state, metrics = setup.train_step(state, steps.process_rows(batch), seed)
       step += 1
+      guard.add(step, metrics)  # a non-finite step stops the seed before it is logged or kept as the best
+      if step % config.log_every == 0 or step == total_steps or eval_due(config, step, b + 1, steps_per_epoch):
+        guard.check(state, step, lambda: _divergence_advice(config), f"seed {seed}")
       window.add(step, metrics, context=f"seed {seed} epoch {epoch}")
       if eval_due(config, step, b + 1, steps_per_epoch) or step == total_steps:
         outputs = predict_split(setup, state.params, encoded[selection], config.eval_batch_size)
@@ -172,6 +177,13 @@ def train_seed(config, setup: steps.TrainSetup, task: tasks_lib.TaskData, encode
   return {"seed": seed, "best_step": best["step"], "best_epoch": best["epoch"], "total_steps": total_steps,
           "selection": {selection: best["metrics"]}, "report": report, "last_train": window.last,
           "last_eval": last_eval, "history": history, "wall_time_s": time.perf_counter() - started}
+
+
+def _divergence_advice(config) -> str:
+  advice = f"rerun with a lower --config.learning_rate (now {config.learning_rate:g})"
+  advice += (f" or --config.grad_clip_norm (now {config.grad_clip_norm:g})" if config.grad_clip_norm > 0
+             else " or set --config.grad_clip_norm (e.g. 1.0)")
+  return advice + " (in a fresh --workdir if other seeds finished: they are reused only by the same config)"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -218,7 +230,13 @@ def task_info(config, task: tasks_lib.TaskData, init: Initialisation, stats) -> 
 
 
 def run(config, workdir: str) -> dict:
-  """Fine-tunes every seed (skipping finished ones) and writes results.json / results.md."""
+  """Fine-tunes every seed (skipping finished ones) and writes results.json / results.md; holds
+  workdir/.lock throughout (train/workdir_lock.py: a second run on the workdir is refused)."""
+  with workdir_lock.locked(pathlib.Path(workdir).absolute()):
+    return _run_locked(config, workdir)
+
+
+def _run_locked(config, workdir: str) -> dict:
   started = time.perf_counter()
   workdir = pathlib.Path(workdir).absolute()
   workdir.mkdir(parents=True, exist_ok=True)

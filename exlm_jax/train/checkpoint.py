@@ -11,6 +11,13 @@ processes, whose state is per-worker).
 
 Async saves: an error in a background save is raised at the next `save` (Orbax waits for the
 previous save first) or by `finish`; always call `finish(manager)` before the process exits.
+
+Damaged checkpoints: `restore` walks back from the newest step to the newest one that restores cleanly.
+A newer step that failed (a truncated or zero-filled array file, no state/, a truncated data_iter JSON) is
+then known to be damaged -- an older step restored onto the same target -- and is MOVED (never deleted)
+to `checkpoints/corrupt/<step>-<UTC time>` with a one-line warning; Orbax only sees integer-named folders
+as steps, so corrupt/ is neither restored nor rotated. When no step restores, nothing is moved (the
+cause may be the target, e.g. another model size) and the error is one line naming the folder.
 Reading a finished run back (params only, any path form) is exlm_jax/run_store.py's.
 """
 
@@ -18,20 +25,25 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import datetime
 import json
 import logging
 from typing import Any
 
 import grain
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
+from exlm_jax.run_store import error_summary
 from exlm_jax.run_store import write_json  # noqa: F401  (the trainers' JSON writer: atomic, process 0 only)
+from exlm_jax.train.reporting import note
 
 log = logging.getLogger(__name__)
 
 STATE, DATA_ITER = "state", "data_iter"
+CORRUPT_DIR = "corrupt"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -42,10 +54,17 @@ def _process_file(directory: epath.Path, index: int, count: int) -> epath.Path:
   return directory / f"process_{index}-of-{count}.json"
 
 
+def _read_state(path: epath.Path) -> Any:
+  try:
+    return json.loads(path.read_text())
+  except ValueError as e:
+    raise ValueError(f"{path} is not valid JSON ({e}): this checkpoint's data-iterator state is damaged") from None
+
+
 def saved_iterator_states(directory) -> dict[str, Any]:
   """{file name: parsed state} of a checkpoint's data_iter folder."""
   directory = epath.Path(directory)
-  return {p.name: json.loads(p.read_text()) for p in sorted(directory.glob("process_*-of-*.json"))}
+  return {p.name: _read_state(p) for p in sorted(directory.glob("process_*-of-*.json"))}
 
 
 def iterator_state_for_process(directory, index: int, count: int) -> Any:
@@ -53,7 +72,7 @@ def iterator_state_for_process(directory, index: int, count: int) -> Any:
   directory = epath.Path(directory)
   own = _process_file(directory, index, count)
   if own.exists():
-    return json.loads(own.read_text())
+    return _read_state(own)
   saved = saved_iterator_states(directory)
   if not saved:
     raise FileNotFoundError(f"{directory} holds no data-iterator state (process_*-of-*.json)")
@@ -145,15 +164,65 @@ def _has_item(manager: ocp.CheckpointManager, step: int, name: str) -> bool:
 
 
 def restore(manager: ocp.CheckpointManager, abstract_state, data_iter=None, step: int | None = None):
-  """Restores (state, step) onto the shardings in `abstract_state`; the iterator in place."""
-  step = manager.latest_step() if step is None else step
-  if step is None:
+  """Restores (state, step) onto the shardings in `abstract_state`; the iterator in place.
+
+  step None: the newest step that restores cleanly, newer damaged ones moved aside (module docstring).
+  """
+  if step is not None:
+    return _restore_step(manager, step, abstract_state, data_iter), step
+  candidates = sorted(manager.all_steps(), reverse=True)
+  if not candidates:
     raise FileNotFoundError(f"no checkpoint in {manager.directory}")
+  failures = []  # (step, error summary), newest first
+  for candidate in candidates:
+    try:
+      state = _restore_step(manager, candidate, abstract_state, data_iter)
+    except Exception as e:  # pylint: disable=broad-except  (any damage: Orbax, TensorStore, JSON, OS errors)
+      error = e
+    else:
+      error = None
+    if not _all_processes_agree(error is None):
+      failures.append((candidate, error_summary(error) if error else "failed on another process"))
+      continue
+    for bad, why in failures:
+      destination = move_aside(manager, bad)
+      note(f"WARNING: checkpoint step {bad} does not restore ({why}); moved it to {destination}, resuming from "
+           f"step {candidate}")
+    if failures:
+      manager.reload()
+    return state, candidate
+  newest, why = failures[0]
+  raise ValueError(
+      f"no checkpoint in {manager.directory} restores (steps {', '.join(str(s) for s, _ in failures)}; newest: "
+      f"{why}): if the config changed, rerun with the saved config.json; otherwise use a fresh --workdir")
+
+
+def _restore_step(manager: ocp.CheckpointManager, step: int, abstract_state, data_iter):
   items = {STATE: ocp.args.StandardRestore(abstract_state)}
   if data_iter is not None:
     if _has_item(manager, step, DATA_ITER):
       items[DATA_ITER] = DataIterRestore(data_iter)
     else:
       log.warning("checkpoint %d has no data-iterator state; the input pipeline restarts", step)
-  restored = manager.restore(step, args=ocp.args.Composite(**items))
-  return restored[STATE], step
+  return manager.restore(step, args=ocp.args.Composite(**items))[STATE]
+
+
+def _all_processes_agree(ok: bool) -> bool:
+  """True when `ok` holds on every process (one process's unreadable shard makes the step bad for all)."""
+  if jax.process_count() == 1:
+    return ok
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return bool(np.all(multihost_utils.process_allgather(np.int32(ok))))
+
+
+def move_aside(manager: ocp.CheckpointManager, step: int) -> epath.Path:
+  """Moves checkpoint `step` to <directory>/corrupt/<step>-<UTC time> (process 0; all processes wait)."""
+  stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+  destination = epath.Path(manager.directory) / CORRUPT_DIR / f"{step}-{stamp}"
+  if jax.process_index() == 0:
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    (epath.Path(manager.directory) / str(step)).rename(destination)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices(f"exlm_jax: checkpoint {step} moved aside")
+  return destination

@@ -1,8 +1,14 @@
 """Pretraining loop: data -> sharded steps -> progress, TensorBoard, eval, checkpoints, resume.
 
 `train_and_evaluate(config, workdir)` is what `main.py` calls. It resumes automatically from the
-newest checkpoint in `workdir/checkpoints` (state, step and data-iterator position), and ends by
-writing `final_metrics.json` and printing where everything went.
+newest checkpoint in `workdir/checkpoints` that restores cleanly (state, step and data-iterator position),
+and ends by writing `final_metrics.json` and printing where everything went. Never losing a run:
+  * the workdir is locked for the run (train/workdir_lock.py): a second writer is refused;
+  * a rerun is checked before anything is written (train/resume.py): a finished run is left as it is, a
+    config change that would not match the checkpoints is refused, other changes are recorded;
+  * a diverging step is skipped in the step and stops the run at the next log or save step, before any
+    non-finite state is saved (train/divergence.py); damaged checkpoints are moved aside (train/checkpoint.py);
+  * a train step whose memory estimate exceeds the device's ends right after compiling (`check_memory`).
 """
 
 from __future__ import annotations
@@ -17,7 +23,8 @@ import numpy as np
 
 from exlm_jax import config_lib, objectives, run_card
 from exlm_jax.data import vocab
-from exlm_jax.train import checkpoint, distributed, flops, optim, partitioning, reporting, steps
+from exlm_jax.train import checkpoint, distributed, divergence, flops, optim, partitioning, reporting, resume, steps
+from exlm_jax.train import workdir_lock
 from exlm_jax.train.reporting import note
 
 
@@ -97,17 +104,61 @@ def evaluate(setup: steps.TrainSetup, params, batches) -> dict:
   return result
 
 
-def memory_summary(compiled) -> str:
+def _memory_analysis(compiled):
   try:
-    mem = compiled.memory_analysis()
-  except Exception:  # not every backend implements it
-    return "memory analysis unavailable on this backend"
+    return compiled.memory_analysis()
+  except Exception:  # pylint: disable=broad-except  (not every backend implements it)
+    return None
+
+
+def memory_summary(compiled) -> str:
+  mem = _memory_analysis(compiled)
   if mem is None:
     return "memory analysis unavailable on this backend"
   gib = lambda b: f"{b / 2**30:.3f} GiB"
   return (f"per-device memory: arguments {gib(mem.argument_size_in_bytes)}, outputs "
           f"{gib(mem.output_size_in_bytes)}, temporaries {gib(mem.temp_size_in_bytes)}, "
           f"generated code {gib(mem.generated_code_size_in_bytes)}")
+
+
+def memory_estimate(mem) -> int:
+  """Bytes one device needs for a compiled program: XLA's peak where it reports one, else arguments +
+  outputs - their aliased (donated) part + temporaries; plus the generated code."""
+  peak = int(getattr(mem, "peak_memory_in_bytes", 0) or 0)
+  total = (mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
+           + mem.temp_size_in_bytes)
+  return (peak if peak > 0 else total) + mem.generated_code_size_in_bytes
+
+
+def device_memory_limit(device=None) -> tuple[int, str] | None:
+  """(bytes, what they are) one device may use: the backend's `bytes_limit` (GPU, TPU); on CPU, whose
+  devices share the host, the host's physical memory / the number of local devices; None when unknown."""
+  device = device or jax.local_devices()[0]
+  try:
+    stats = device.memory_stats() or {}
+  except Exception:  # pylint: disable=broad-except
+    stats = {}
+  if stats.get("bytes_limit"):
+    return int(stats["bytes_limit"]), f"the memory of one {device.device_kind}"
+  if device.platform == "cpu" and hasattr(os, "sysconf"):
+    count = jax.local_device_count()
+    return (os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // count,
+            f"the host's physical memory / {count} CPU device(s)")
+  return None
+
+
+def check_memory(compiled, limit: tuple[int, str] | None) -> None:
+  """A one-line ValueError when the compiled step's per-device estimate exceeds `limit` (bytes, what);
+  nothing when either is unknown."""
+  mem = _memory_analysis(compiled)
+  if mem is None or limit is None:
+    return
+  need, (available, what) = memory_estimate(mem), limit
+  if need > available:
+    raise ValueError(
+        f"the train step needs about {need / 2**30:.3f} GiB per device ({memory_summary(compiled)}) but "
+        f"{what} is {available / 2**30:.3f} GiB: lower batch_size or seq_len, raise grad_accum_steps, set "
+        "model.remat=full, or shard the parameters over more devices (mesh.fsdp)")
 
 
 class ProfileWindow:
@@ -203,34 +254,55 @@ def _check_sharding(setup: steps.TrainSetup) -> None:
                                                   setup.mesh, setup.config)
 
 
-def train_and_evaluate(config, workdir: str) -> dict:
-  """Runs (or resumes) pretraining; returns the final metrics written to final_metrics.json."""
+def train_and_evaluate(config, workdir: str, memory_limit: tuple[int, str] | None = None) -> dict:
+  """Runs (or resumes) pretraining; returns the final metrics written to final_metrics.json (for a
+  finished run: those it wrote, untouched). memory_limit: (bytes per device, what they are) for
+  `check_memory`; default `device_memory_limit()`."""
   workdir = os.path.abspath(workdir)
+  with workdir_lock.locked(workdir):
+    return _train(config, workdir, memory_limit or device_memory_limit())
+
+
+def _train(config, workdir: str, memory_limit) -> dict:
   os.makedirs(workdir, exist_ok=True)
   reporting.quiet_library_logs()
+  if not config.init_from:  # a checkpoint's architecture and tokenizer are applied by prepare: checked after it
+    resume.check_config(workdir, config)  # before anything is written (again below with the vocabulary size)
+  finished = resume.finished_run(workdir, config.total_steps)
+  if finished is not None:
+    note(f"{workdir} already finished at step {finished['step']} (total_steps={config.total_steps}); nothing to do "
+         "(a larger --config.total_steps continues it)")
+    return finished
   data, config, setup, initial = prepare(config, workdir)
+  changes = resume.check_config(workdir, config)
   note(f"objective {config.objective} | {setup.num_params() / 1e6:.2f}M parameters | "
        f"mesh {dict(setup.mesh.shape)} | {jax.process_count()} process(es), {jax.device_count()} device(s)")
   note("data: " + ", ".join(f"{k} {v}" for k, v in data.summary.items()))
-  checkpoint.write_json(os.path.join(workdir, "config.json"), config.to_dict())
 
   manager = checkpoint.make_manager(os.path.join(workdir, "checkpoints"), config)
   train_iter = data.train_iterator()
+  resumed_from = None
   if manager.latest_step() is not None:
     state, start_step = checkpoint.restore(manager, setup.abstract_state(), train_iter)
-    note(f"resumed from step {start_step} in {manager.directory}")
+    resumed_from = start_step
+    note(f"resumed from step {start_step} in {manager.directory}"
+         + (f"; changed: {resume.shown(changes)} (recorded in config_history.json)" if changes else ""))
   else:
     state, start_step = setup.init_state(override=initial), 0
 
   started = time.perf_counter()
   compiled = setup.compile_train_step()
   note(f"compiled the train step in {time.perf_counter() - started:.1f}s; {memory_summary(compiled)}")
+  check_memory(compiled, memory_limit)
+  resume.record_config(workdir, config, changes, resumed_from)
 
   writer = reporting.Writer(os.path.join(workdir, "tensorboard"))
   progress = reporting.Progress(config.total_steps, config.batch_size * config.seq_len, start_step)
   log = reporting.LogWindow(config.log_every, progress, writer, derived=_perplexity, perf_report=perf_reporter(config))
   profile = ProfileWindow(os.path.join(workdir, "profile"), config.get("profile_start_step", -1),
                           config.get("profile_num_steps", 3))
+  guard = divergence.DivergenceGuard()
+  advice = lambda: _divergence_advice(config, manager)
   eval_batches = None
   last_eval = {}
   step = start_step
@@ -244,6 +316,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
       with jax.profiler.StepTraceAnnotation("train", step_num=step + 1):
         state, metrics = compiled(state, batch)
       step += 1
+      guard.add(step, metrics)
+      if step % config.log_every == 0 or step == config.total_steps:
+        guard.check(state, step, advice)
       log.add(step, metrics)
       if step % config.eval_every == 0 or step == config.total_steps:
         eval_batches = eval_batches if eval_batches is not None else list(data.eval_batches())
@@ -254,6 +329,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
         progress.restart_clock(step)  # writing the trace is not training time
       preempted = stop.reached(step)  # every step, on every process
       if step % config.checkpoint_every == 0 or step == config.total_steps or preempted:
+        guard.check(state, step, advice)  # never save a state after a skipped (non-finite) step
         checkpoint.save(manager, step, state, train_iter, force=True)
         progress.restart_clock(step)
       if preempted:
@@ -272,6 +348,22 @@ def train_and_evaluate(config, workdir: str) -> dict:
   note(f"done: checkpoints in {workdir}/checkpoints, TensorBoard events in {workdir}/tensorboard, "
        f"tokenizer in {workdir}/tokenizer, metrics in {workdir}/final_metrics.json")
   return final
+
+
+def _divergence_advice(config, manager) -> str:
+  """What to change after a divergence, and where the run can go on from."""
+  lower = f"a lower --config.learning_rate (now {config.learning_rate:g})"
+  if config.grad_clip_norm > 0:
+    lower += f" or --config.grad_clip_norm (now {config.grad_clip_norm:g})"
+  latest = manager.latest_step()
+  if latest is None:
+    advice = f"no checkpoint was saved yet: rerun with {lower}"
+  else:
+    advice = (f"the newest checkpoint, step {latest} in {manager.directory}, was saved before it: rerun with "
+              f"{lower} to go on from there")
+  if config.grad_clip_norm <= 0:
+    advice += ", or start a fresh --workdir with --config.grad_clip_norm=1.0"
+  return advice
 
 
 def compile_only(config, workdir: str) -> str:

@@ -224,16 +224,24 @@ class TrainSetup:
     return loss_sum * scale, jax.tree.map(lambda g: g * scale, grads)
 
   def _train_step(self, state: TrainState, batch, base_key=None):
+    """One update; a step whose loss or gradient norm is not finite is skipped (metrics['finite'] 0)."""
     key = jax.random.fold_in(self.base_key if base_key is None else base_key, state.step)
     grads, loss_sum, weight, metrics = self._summed_grads(state.params, batch, key)
     scale = 1.0 / jnp.maximum(weight, 1e-9)
     grads = jax.tree.map(lambda g: g * scale, grads)
+    loss, grad_norm = loss_sum * scale, optax.tree.norm(grads)
     updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
+    # Skipped: the old params and optimizer state go on and `step` (updates applied) does not advance,
+    # so a loop learns of any skip since its last look from one scalar (train/divergence.py).
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    params, opt_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), (params, opt_state),
+                                     (state.params, state.opt_state))
     out = {name: s / jnp.maximum(c, 1e-9) for name, (s, c) in metrics.items()}
-    out.update(loss=loss_sum * scale, grad_norm=optax.tree.norm(grads),
-               learning_rate=self.schedule(state.step), weight=weight)
-    return TrainState(step=state.step + 1, params=params, opt_state=opt_state), out
+    out.update(loss=loss, grad_norm=grad_norm, learning_rate=self.schedule(state.step), weight=weight,
+               finite=finite.astype(jnp.float32))
+    step = state.step + finite.astype(state.step.dtype)
+    return TrainState(step=step, params=params, opt_state=opt_state), out
 
   def _eval_step(self, params, batch, index):
     key = jax.random.fold_in(jax.random.fold_in(self.base_key, _EVAL_SALT), index)
