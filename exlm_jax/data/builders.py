@@ -167,7 +167,7 @@ class Corpus:
 def build_corpus(data_cfg) -> Corpus:
   """Builds (once) and opens the corpus for config.data; returns its splits and counts.
 
-  One process builds a config (under `<tfds_dir>/<builder>/<config>.lock`), the others wait and then
+  One process builds a config (holding a lock on `<tfds_dir>/<builder>/<config>/`), the others wait and then
   read it; the holder first removes the `incomplete.*` folders a crashed build of it left. Without file
   locks the deterministic builds race harmlessly (TFDS writes to a temporary directory and renames).
   """
@@ -180,7 +180,7 @@ def build_corpus(data_cfg) -> Corpus:
   if not builder.is_prepared():
     _precheck(config)
     config_dir = os.path.dirname(builder.data_dir)  # <tfds_dir>/<builder>/<config>; data_dir adds /<version>
-    with caches.exclusive(config_dir + ".lock") as locked:
+    with caches.exclusive(config_dir) as locked:
       builder = cls(config=config, data_dir=data_dir, file_format=file_format)
       if not builder.is_prepared():  # else built by the process we waited for
         if locked:

@@ -12,11 +12,11 @@ stat fields (size, mtime_ns, ctime_ns, inode) only memoize the hash within a pro
 hashes again, so neither a kept mtime nor a copied file can serve stale data.
 
 Builds: `build_once(target, done_file, write)` writes into a temporary sibling `<target>.tmp*` and
-renames it, holding an exclusive lock `<target>.lock` (fcntl.flock; released by the kernel when its
-holder dies) meanwhile. Only the lock holder builds, so processes sharing a cache wait instead of
-building twice, and any `<target>.tmp*` the holder finds was left by a build that crashed: it is
-removed. On a filesystem without locks the builders race harmlessly (the rename is atomic) and no
-temporary is removed.
+renames it, holding an exclusive lock on the parent directory meanwhile (fcntl.flock on the directory
+itself, so caches hold no lock files; the kernel releases it when its holder dies). Only the lock
+holder builds, so processes sharing a cache wait instead of building twice, and any `<target>.tmp*`
+the holder finds was left by a build that crashed: it is removed. On a filesystem without locks the
+builders race harmlessly (the rename is atomic) and no temporary is removed.
 """
 
 from __future__ import annotations
@@ -52,20 +52,20 @@ def _sha256(path: str, size: int, mtime_ns: int, ctime_ns: int, inode: int) -> s
 
 
 @contextlib.contextmanager
-def exclusive(lock_path: str) -> Iterator[bool]:
-  """Holds an exclusive lock on `lock_path` (created if missing) inside the block, waiting for any holder.
+def exclusive(directory: str) -> Iterator[bool]:
+  """Holds an exclusive lock on `directory` (created if missing) inside the block, waiting for any holder.
 
-  Yields True when locked, False on a filesystem without flock (the caller must then not assume it is
-  the only builder).
+  Yields True when locked, False on a filesystem without flock on directories (the caller must then
+  not assume it is the only builder).
   """
-  os.makedirs(os.path.dirname(lock_path) or ".", exist_ok=True)
-  fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o666)
+  os.makedirs(directory, exist_ok=True)
+  fd = os.open(directory, os.O_RDONLY)
   try:
     try:
       fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
       locked = True
     except BlockingIOError:
-      log.warning("another process is building %s; waiting for it", lock_path.removesuffix(".lock"))
+      log.warning("another process is building in %s; waiting for it", directory)
       fcntl.flock(fd, fcntl.LOCK_EX)
       locked = True
     except OSError:  # no locks on this filesystem
@@ -103,13 +103,13 @@ def build_once(target: str, done_file: str, write: Callable[[str], None]) -> boo
 
   `write` fills a fresh temporary sibling, renamed to `target` when it returns, so `target` is never
   partial. Under the lock, stale `<target>.tmp*` siblings and a `target` without `done_file` (not
-  written by this function) are removed first.
+  written by this function) are removed first. The lock is the parent directory's: builds into one
+  parent take turns.
   """
   if os.path.exists(os.path.join(target, done_file)):
     return False
   parent, name = os.path.split(target)
-  os.makedirs(parent, exist_ok=True)
-  with exclusive(target + ".lock") as locked:
+  with exclusive(parent) as locked:
     if os.path.exists(os.path.join(target, done_file)):  # built by the process we waited for
       return False
     if locked:
