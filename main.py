@@ -115,6 +115,8 @@ def main(argv):
 
 
 def _run(config) -> None:
+  from exlm_jax.train import reporting  # pylint: disable=g-import-not-at-top
+  reporting.quiet_library_logs()  # before JAX starts: its backend probing logs too
   _start_jax()
   if "finetune" in config:
     from exlm_jax.finetune import loop as finetune_loop  # pylint: disable=g-import-not-at-top

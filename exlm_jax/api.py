@@ -19,6 +19,13 @@ Parameters are restored with Orbax (only the `params` of the saved state, exlm_j
 replicated over a 1-D mesh of the local devices; the bound convenience methods pad the batch to a
 multiple of the device count and split it over them. `predict_masked` follows the pretraining objective's
 own prediction rule (`Objective.masked_log_probs`; options such as ExLM's `copies` via `predict_options`).
+
+Inputs are stripped of surrounding whitespace, as training strips corpus records ("CCO\n" == "CCO"). One
+bad input never fails a batch: `embed` and `predict` give a NaN row for an input that is empty, that the
+tokenizer cannot encode, or (SMILES runs: tokenizer smiles_regex / smiles_bpe) that RDKit cannot parse;
+`predict_masked` gives None for an input it cannot encode, and None for each [MASK] that falls past the
+run's seq_len. Each case is one warning line naming the inputs (logger `exlm_jax.api`). `tokenize` is the
+strict low-level step: it raises on an input the tokenizer cannot encode.
 """
 
 from __future__ import annotations
@@ -31,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from exlm_jax.data import vocab
+from exlm_jax.data import readers, vocab
 from exlm_jax.models.encoder import Encoder, ModelConfig
 from exlm_jax.run_store import (FINETUNE, TASK_FILE, RunLocation, load_tokenizer, model_config_from_run,
                                 pretrain_objective, read_json, resolve_run, restore_params, run_config)
@@ -40,6 +47,8 @@ log = logging.getLogger(__name__)
 
 MASK_STRING = vocab.SPECIAL_TOKENS[vocab.MASK]  # "[MASK]"
 NEVER_PREDICTED = (vocab.PAD, vocab.BOS, vocab.EOS, vocab.MASK)  # never proposed by predict_masked
+SMILES_TOKENIZERS = ("smiles_regex", "smiles_bpe")  # runs whose inputs are SMILES (checked with RDKit)
+_SHOWN_INPUTS = 5  # inputs named in a warning line
 
 
 # ----------------------------------------------------------------------------------------------
@@ -72,14 +81,45 @@ def encode_with_masks(tokenizer, text: str) -> list[int]:
 
 
 class _MaskAwareTokenizer:
-  """Wraps a tokenizer so that `encode` keeps literal "[MASK]" as vocab.MASK (for encode_examples)."""
+  """Wraps a tokenizer so that `encode` keeps literal "[MASK]" as vocab.MASK (for encode_examples).
 
-  def __init__(self, tokenizer):
+  lenient: a text the tokenizer rejects encodes to [] and its reason is kept in `rejected[text]`.
+  """
+
+  def __init__(self, tokenizer, lenient: bool = False):
     self._tok = tokenizer
+    self._lenient = lenient
     self.vocab_size = tokenizer.vocab_size
+    self.rejected: dict[str, str] = {}
 
   def encode(self, text: str) -> list[int]:
-    return encode_with_masks(self._tok, text)
+    try:
+      return encode_with_masks(self._tok, text)
+    except ValueError as e:  # e.g. tokenizers.UncoveredSmilesError
+      if not self._lenient:
+        raise
+      self.rejected[text] = str(e).split(";")[0]
+      return []
+
+
+def clean_inputs(texts) -> list:
+  """A string, a pair or a sequence of them -> a list, every string stripped of surrounding whitespace."""
+  texts = [texts] if isinstance(texts, (str, tuple)) else list(texts)
+  return [tuple(part.strip() for part in t) if isinstance(t, tuple) else t.strip() for t in texts]
+
+
+def _preview(text) -> str:
+  shown = repr(text if isinstance(text, str) else tuple(text))
+  return shown if len(shown) <= 60 else shown[:57] + "..."
+
+
+def warn_inputs(problems: dict[int, str], texts: Sequence, outcome: str) -> None:
+  """One warning line naming the inputs in `problems` (index -> reason) and what they get instead."""
+  if not problems:
+    return
+  named = [f"#{i} {_preview(texts[i])} ({why})" for i, why in sorted(problems.items())[:_SHOWN_INPUTS]]
+  more = f"; and {len(problems) - _SHOWN_INPUTS} more" if len(problems) > _SHOWN_INPUTS else ""
+  log.warning("%d of %d input(s) %s: %s%s", len(problems), len(texts), outcome, "; ".join(named), more)
 
 
 def _round_up(n: int, multiple: int) -> int:
@@ -183,18 +223,40 @@ class LoadedModel:
   def tokenize(self, texts, max_length: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Strings (or (A, B) pairs) -> token_ids (B, L) int32 `<s> ... </s> <pad>`, padding_mask (B, L) bool.
 
-    L is the longest row rounded up to a multiple of 8 (fewer recompilations), at most `max_length`
-    (default: the run's seq_len); longer inputs are cut (pairs: longest first). "[MASK]" -> vocab.MASK.
+    Inputs are stripped of surrounding whitespace. L is the longest row rounded up to a multiple of 8
+    (fewer recompilations), at most `max_length` (default: the run's seq_len); longer inputs are cut
+    (pairs: longest first). "[MASK]" -> vocab.MASK. Raises ValueError on an input the tokenizer cannot
+    encode (embed / predict / predict_masked skip such inputs instead).
+    """
+    ids, _, truncated = self._encode(clean_inputs(texts), max_length, lenient=False)
+    if truncated:
+      log.warning("%d of %d input(s) cut to %d tokens", truncated, len(ids), max_length or self.max_length)
+    return ids, ids == vocab.PAD
+
+  def _encode(self, texts: list, max_length: int | None, lenient: bool) -> tuple[np.ndarray, dict[int, str], int]:
+    """Cleaned inputs -> (ids (B, L) as in `tokenize`, {index: why it cannot be used}, inputs truncated).
+
+    lenient: an input the tokenizer rejects, or an empty one, gets the row `<s> </s>` and an entry in the
+    problems; SMILES runs also list SMILES without [MASK] that RDKit cannot parse.
     """
     from exlm_jax.finetune.encoding import encode_examples  # pylint: disable=g-import-not-at-top
-    texts = [texts] if isinstance(texts, (str, tuple)) else list(texts)
     max_length = max_length or self.max_length
-    ids, truncated = encode_examples(texts, _MaskAwareTokenizer(self.tokenizer), max_length)
-    if truncated:
-      log.warning("%d of %d input(s) cut to %d tokens", truncated, len(texts), max_length)
+    tokenizer = _MaskAwareTokenizer(self.tokenizer, lenient)
+    ids, truncated = encode_examples(texts, tokenizer, max_length)
+    problems = {}
+    if lenient:
+      smiles_ok = readers.smiles_validator() if self.tokenizer.kind in SMILES_TOKENIZERS else None
+      for i, text in enumerate(texts):
+        parts = text if isinstance(text, tuple) else (text,)
+        rejected = [tokenizer.rejected[p] for p in parts if p in tokenizer.rejected]
+        if rejected:
+          problems[i] = f"the tokenizer cannot encode it: {rejected[0]}"
+        elif not all(parts):
+          problems[i] = "empty"
+        elif smiles_ok is not None and MASK_STRING not in text and not smiles_ok(text):
+          problems[i] = "RDKit cannot parse it"
     longest = int((ids != vocab.PAD).sum(1).max()) if len(ids) else 1
-    ids = ids[:, :min(_round_up(longest, 8), max_length)]
-    return ids, ids == vocab.PAD
+    return ids[:, :min(_round_up(longest, 8), max_length)], problems, truncated
 
   def detokenize(self, token_ids):
     """(L,) ids -> str, or (B, L) -> list[str]; <pad>, <s>, </s>, [MASK] are left out."""
@@ -213,61 +275,103 @@ class LoadedModel:
     hidden = self._jit("encode", self.encode_fn)(self.params, ids, mask)
     return hidden if hidden.shape[0] == batch else hidden[:batch]
 
+  def _usable_rows(self, texts, what: str) -> tuple[list, np.ndarray, np.ndarray]:
+    """(cleaned inputs, ids (b, L) of the usable ones, their (b,) indices); warns about the others."""
+    texts = clean_inputs(texts)
+    ids, problems, truncated = self._encode(texts, None, lenient=True)
+    if truncated:
+      log.warning("%d of %d input(s) cut to %d tokens", truncated, len(texts), self.max_length)
+    warn_inputs(problems, texts, f"get NaN {what}")
+    rows = np.asarray([i for i in range(len(texts)) if i not in problems], np.int64)
+    return texts, ids[rows], rows
+
   def embed(self, texts) -> np.ndarray:
     """Strings (SMILES or sentences, or (A, B) pairs) -> (B, D) float32: mean of the final hidden
-    states over the non-pad slots, `<s>` and `</s>` included."""
-    ids, mask = self.tokenize(texts)
-    hidden = np.asarray(self.encode(ids, mask))  # reuses encode's compiled function
-    return np.asarray(mean_pool(hidden, mask))
+    states over the non-pad slots, `<s>` and `</s>` included. NaN rows for unusable inputs (module docstring)."""
+    texts, ids, rows = self._usable_rows(texts, "embeddings")
+    out = np.full((len(texts), self.model_config.d_model), np.nan, np.float32)
+    if len(rows):
+      mask = ids == vocab.PAD
+      hidden = np.asarray(self.encode(ids, mask))  # reuses encode's compiled function
+      out[rows] = np.asarray(mean_pool(hidden, mask))
+    return out
 
-  def predict_masked(self, texts, top_k: int = 5) -> list[list[list[tuple[str, float]]]]:
+  def predict_masked(self, texts, top_k: int = 5) -> list[list[list[tuple[str, float]] | None] | None]:
     """Top-k fillers for every literal "[MASK]" in each string (pretraining runs only).
 
     Returns, per input, per [MASK] in order, `top_k` (token, probability) pairs; <pad>, <s>, </s> and
     [MASK] are never proposed. Each objective predicts by its own rule (`Objective.masked_log_probs`; ExLM:
     the mixture of the k copies' distributions unless loaded with predict_options={'copies': 'first'}).
+    An input without [MASK] gets []; an input the tokenizer cannot encode gets None; a [MASK] past the
+    run's seq_len (cut off with the end of the input) gets None in its place. Each case is one warning.
+    Any number of [MASK]s up to seq_len - 2 per input is predicted.
     """
     if self.masked_logits_fn is None:
       raise ValueError(f"{self.path} is a fine-tuning run (no LM head); use predict(), or load the "
                        "pretraining workdir for predict_masked")
-    texts = [texts] if isinstance(texts, str) else list(texts)
-    ids, _ = self.tokenize(texts)
+    texts = clean_inputs(texts)
+    if any(isinstance(t, tuple) for t in texts):
+      raise ValueError("predict_masked takes strings, not (A, B) pairs")
+    written = np.asarray([t.count(MASK_STRING) for t in texts], np.int64)
+    if written.sum() == 0:
+      raise ValueError(f"no {MASK_STRING} in the input(s); write it literally, e.g. 'CC{MASK_STRING}O'")
+    ids, problems, _ = self._encode(texts, None, lenient=True)
+    problems = {i: why for i, why in problems.items() if written[i] and why != "RDKit cannot parse it"}
+    warn_inputs(problems, texts, "get None (no prediction)")
     is_mask = ids == vocab.MASK
     counts = is_mask.sum(1)
-    if counts.max(initial=0) == 0:
-      raise ValueError(f"no {MASK_STRING} in the input(s); write it literally, e.g. 'CC{MASK_STRING}O'")
-    num_slots = _round_up(int(counts.max()), 4)
-    slots = np.zeros((len(ids), num_slots), np.int32)
-    for b, row in enumerate(is_mask):
-      where = np.flatnonzero(row)
-      slots[b, :where.size] = where
-    (dev_ids, dev_slots), batch = self._shard(ids, slots)
-    logp = np.array(self._jit("masked", self.masked_logits_fn)(self.params, dev_ids, dev_slots))[:batch]
+    cut = np.where([i not in problems for i in range(len(texts))], written - counts, 0)
+    if cut.sum():
+      log.warning("%d [MASK](s) of %d input(s) fall past the run's seq_len=%d and get None: inputs %s",
+                  cut.sum(), np.count_nonzero(cut), self.max_length,
+                  ", ".join(f"#{i}" for i in np.flatnonzero(cut)[:_SHOWN_INPUTS]) +
+                  (" ..." if np.count_nonzero(cut) > _SHOWN_INPUTS else ""))
+    logp = np.zeros((len(texts), 0, self.tokenizer.vocab_size), np.float32)
+    rows = np.flatnonzero(counts)
+    if len(rows):
+      num_slots = _round_up(int(counts.max()), 4)
+      slots = np.zeros((len(rows), num_slots), np.int32)
+      for j, row in enumerate(is_mask[rows]):
+        where = np.flatnonzero(row)
+        slots[j, :where.size] = where
+      (dev_ids, dev_slots), batch = self._shard(ids[rows], slots)
+      logp = np.zeros((len(texts), num_slots, self.tokenizer.vocab_size), np.float32)
+      logp[rows] = np.array(self._jit("masked", self.masked_logits_fn)(self.params, dev_ids, dev_slots))[:batch]
     logp[..., list(NEVER_PREDICTED)] = -np.inf
     top_k = min(top_k, logp.shape[-1] - len(NEVER_PREDICTED))
     out = []
-    for b in range(batch):
+    for b in range(len(texts)):
+      if b in problems:
+        out.append(None)
+        continue
       per_mask = []
       for j in range(int(counts[b])):
         best = np.argsort(-logp[b, j])[:top_k]
         per_mask.append([(self.tokenizer.id_to_token(int(t)), float(np.exp(logp[b, j, t]))) for t in best])
-      out.append(per_mask)
+      out.append(per_mask + [None] * int(cut[b]))
     return out
 
   def predict(self, texts) -> np.ndarray:
     """Fine-tuning runs: task outputs for strings/pairs. classification: (B, C) class probabilities;
-    multitask_binary: (B, T) positive-class probabilities; regression: (B, T) predictions in label units."""
+    multitask_binary: (B, T) positive-class probabilities; regression: (B, T) predictions in label units.
+    NaN rows for unusable inputs (module docstring)."""
     if self.predict_fn is None:
       raise ValueError(f"{self.path} is a pretraining run; predict() needs a fine-tuning workdir")
-    ids, _ = self.tokenize(texts)
+    texts, ids, rows = self._usable_rows(texts, "predictions")
+    result = np.full((len(texts), int(self.task["num_outputs"])), np.nan, np.float32)
+    if not len(rows):
+      return result
     (dev_ids,), batch = self._shard(ids)
     out = np.asarray(self._jit("predict", self.predict_fn)(self.params, dev_ids))[:batch]
     task_type = self.task["task_type"]
     if task_type == "classification":
-      return np.asarray(jax.nn.softmax(out, axis=-1))
-    if task_type == "multitask_binary":
-      return np.asarray(jax.nn.sigmoid(out))
-    return out * np.asarray(self.task["target_std"], np.float32) + np.asarray(self.task["target_mean"], np.float32)
+      out = np.asarray(jax.nn.softmax(out, axis=-1))
+    elif task_type == "multitask_binary":
+      out = np.asarray(jax.nn.sigmoid(out))
+    else:
+      out = out * np.asarray(self.task["target_std"], np.float32) + np.asarray(self.task["target_mean"], np.float32)
+    result[rows] = out
+    return result
 
   def __repr__(self) -> str:
     cfg = self.model_config

@@ -10,8 +10,14 @@ document per record. The pieces, one concern each:
 - `tfds_corpus`: the TFDS builder classes (`exlm_smiles_corpus`, `exlm_text_corpus`) that write the
   splits `train` and `eval` (from the eval file or the hold-out);
 - here: the BuilderConfig for a data config, `build_corpus` and the `Strings` view of a split.
-Each source gets its own BuilderConfig named `<file>-<hash of (source, size, max_examples, column, ...)>`,
-so different files or limits never collide.
+Each source gets its own BuilderConfig named `<file>-<hash of (source, its content, max_examples, column, ...)>`,
+so different files or limits never collide, and a file edited in place (same size, same mtime even) is
+a new corpus: the config holds the SHA-256 of each local file's bytes (caches.file_sha256), and the
+token cache and tokenizer cache are named after the config (pipeline.py), so they follow. A URL is
+keyed on the URL; its download's SHA-256 is recorded in the build. The summary reports the hashes
+(`content_sha256`, and `eval_content_sha256` for an eval file). A build runs under a lock, once per
+config even when processes share a tfds_dir; TFDS's temporaries (`incomplete.*`) left by a crashed build
+of the same config are removed first.
 
 Every record read is accounted for: train + eval + skipped_empty + skipped_invalid == records_read,
 kept in the dataset's metadata.json and returned as `Corpus.summary`.
@@ -27,7 +33,10 @@ import os
 import re
 from typing import Any, Iterator, Sequence
 
+from exlm_jax.data import caches
 from exlm_jax.data.readers import is_url, read_records, resolve_source
+
+log = logging.getLogger(__name__)
 
 
 def tfds_data_dir(data_cfg) -> str:
@@ -45,10 +54,14 @@ def _config_fields(data_cfg) -> dict[str, Any]:
   fraction = float(data_cfg.eval_fraction)
   if not eval_path and not 0.0 <= fraction < 1.0:
     raise ValueError(f"config.data.eval_fraction={fraction} must be in [0, 1)")
+  source = resolve_source(data_cfg.path, "config.data.path")
+  eval_source = resolve_source(eval_path, "config.data.eval_path") if eval_path else ""
   return dict(
       kind=kind,
-      source=resolve_source(data_cfg.path, "config.data.path"),
-      eval_source=resolve_source(eval_path, "config.data.eval_path") if eval_path else "",
+      source=source,
+      eval_source=eval_source,
+      source_sha256=_content_key(source),
+      eval_source_sha256=_content_key(eval_source),
       eval_fraction=0.0 if eval_path else fraction,
       column=str(data_cfg.column or ""),
       max_examples=int(data_cfg.max_examples),
@@ -57,12 +70,15 @@ def _config_fields(data_cfg) -> dict[str, Any]:
   )
 
 
+def _content_key(source: str) -> str:
+  """SHA-256 of a local file's bytes; '' for no file or a URL (keyed on the URL, hashed when downloaded)."""
+  return caches.file_sha256(source) if source and not is_url(source) else ""
+
+
 def _config_name(fields: dict[str, Any], version: str) -> str:
-  """`<file stem>-<12 hex>`: the hash covers every field, the builder version and the local files' sizes."""
+  """`<file stem>-<12 hex>`: the hash covers every field (the local files' content hashes included) and the
+  builder version."""
   keyed = dict(fields, build_version=version)
-  for key in ("source", "eval_source"):
-    src = fields[key]
-    keyed[key + "_size"] = os.path.getsize(src) if src and not is_url(src) else -1
   digest = hashlib.sha256(json.dumps(keyed, sort_keys=True).encode()).hexdigest()[:12]
   stem = os.path.basename(fields["source"].split("?")[0].rstrip("/")) or "corpus"
   stem = re.sub(r"[^\w.+-]", "_", stem)[:40]
@@ -151,8 +167,9 @@ class Corpus:
 def build_corpus(data_cfg) -> Corpus:
   """Builds (once) and opens the corpus for config.data; returns its splits and counts.
 
-  The build is deterministic, so processes sharing a tfds_dir may race harmlessly (TFDS writes to a
-  temporary directory and renames); on a shared filesystem let process 0 build first.
+  One process builds a config (holding a lock on `<tfds_dir>/<builder>/<config>/`), the others wait and then
+  read it; the holder first removes the `incomplete.*` folders a crashed build of it left. Without file
+  locks the deterministic builds race harmlessly (TFDS writes to a temporary directory and renames).
   """
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top  (~3 s; only to build or read)
   from exlm_jax.data import tfds_corpus  # pylint: disable=g-import-not-at-top
@@ -162,7 +179,13 @@ def build_corpus(data_cfg) -> Corpus:
   builder = cls(config=config, data_dir=data_dir, file_format=file_format)
   if not builder.is_prepared():
     _precheck(config)
-    builder.download_and_prepare(file_format=file_format)
+    config_dir = os.path.dirname(builder.data_dir)  # <tfds_dir>/<builder>/<config>; data_dir adds /<version>
+    with caches.exclusive(config_dir) as locked:
+      builder = cls(config=config, data_dir=data_dir, file_format=file_format)
+      if not builder.is_prepared():  # else built by the process we waited for
+        if locked:
+          caches.remove_stale(config_dir, "incomplete.")
+        builder.download_and_prepare(file_format=file_format)
     builder = cls(config=config, data_dir=data_dir, file_format=file_format)  # reads the info the build wrote
   splits = [split for split in ("train", "eval") if split in builder.info.splits]
   sources = builder.as_data_source(split=splits, deserialize_method=tfds.decode.DeserializeMethod.RAW_BYTES)
@@ -170,7 +193,7 @@ def build_corpus(data_cfg) -> Corpus:
   train, evals = Strings(by_split["train"]), Strings(by_split.get("eval", ()))
   summary = corpus_summary(builder.info.metadata, config)
   summary.update(train_records=len(train), eval_records=len(evals))
-  logging.info("corpus %s/%s: %s", builder.name, config.name, summary)
+  log.info("corpus %s/%s: %s", builder.name, config.name, summary)
   return Corpus(train=train, eval=evals, summary=summary, name=f"{builder.name}/{config.name}", data_dir=data_dir)
 
 
@@ -182,13 +205,19 @@ def _precheck(config) -> None:
 
 
 def corpus_summary(metadata, config) -> dict[str, Any]:
-  """Totals over the source (and eval file) scans: records_read = train + eval + empty + invalid."""
+  """Totals over the source (and eval file) scans: records_read = train + eval + empty + invalid; the
+  content hashes of the file(s) read (content_sha256, and eval_content_sha256 with an eval file)."""
   scans = [dict(metadata[key]) for key in ("source", "eval_source") if key in metadata]
   total = lambda key: sum(scan.get(key, 0) for scan in scans)  # noqa: E731
-  return dict(
+  downloaded = dict(metadata.get("content_sha256", {}))  # URL sources, hashed by the build
+  summary = dict(
       source=config.source,
       eval_source=config.eval_source or f"hold-out {config.eval_fraction:g} of source",
+      content_sha256=config.source_sha256 or downloaded.get("source", ""),
       records_read=total("records_read"),
       skipped_empty=total("skipped_empty"),
       skipped_invalid=total("skipped_invalid"),
   )
+  if config.eval_source:
+    summary["eval_content_sha256"] = config.eval_source_sha256 or downloaded.get("eval_source", "")
+  return summary

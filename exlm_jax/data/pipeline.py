@@ -42,9 +42,7 @@ import json
 import logging
 import math
 import os
-import shutil
 import sys
-import tempfile
 import threading
 from typing import Any, Iterator, Sequence
 
@@ -52,6 +50,7 @@ import numpy as np
 from etils import epath
 
 from exlm_jax.data import builders
+from exlm_jax.data import caches
 from exlm_jax.data import tokenizers
 from exlm_jax.data import vocab
 
@@ -59,6 +58,8 @@ CACHE_VERSION = 1
 PACK_VERSION = 1
 _CHUNK = 8192
 EVAL_ORDER_SEED = 0  # eval rows come in a fixed order, the same for every run and objective
+
+log = logging.getLogger(__name__)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -130,25 +131,19 @@ def write_token_cache(strings: Sequence[str], tok: tokenizers.Tokenizer, directo
 def token_cache(corpus: builders.Corpus, tok: tokenizers.Tokenizer, mode: str) -> str:
   """Returns the cache directory for (corpus, tokenizer), tokenizing both splits if it is missing.
 
-  Written to a temporary sibling and renamed, so a crashed run never leaves a partial cache.
+  Keyed on the corpus name (which carries the corpus file's content hash, builders.py) and the
+  tokenizer's fingerprint; built once under a lock and renamed into place (caches.build_once), so a
+  crashed run never leaves a partial cache and its temporaries are removed by the next build.
   """
   key = f"{tok.kind}-{tok.fingerprint()}-{mode}-v{CACHE_VERSION}"
   directory = os.path.join(corpus.data_dir, "exlm_token_cache", corpus.name.replace("/", "__"), key)
-  if os.path.exists(os.path.join(directory, "eval.json")):
-    return directory
-  os.makedirs(os.path.dirname(directory), exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix=os.path.basename(directory) + ".tmp", dir=os.path.dirname(directory))
-  try:
+
+  def write(tmp: str) -> None:
     for split, strings in (("train", corpus.train), ("eval", corpus.eval)):
       meta = write_token_cache(strings, tok, tmp, split, mode)
-      logging.info("tokenized %s/%s: %s", corpus.name, split, meta)
-    try:
-      os.rename(tmp, directory)
-    except OSError:  # another process finished first; its cache is identical
-      if not os.path.exists(os.path.join(directory, "eval.json")):
-        raise
-  finally:
-    shutil.rmtree(tmp, ignore_errors=True)
+      log.info("tokenized %s/%s: %s", corpus.name, split, meta)
+
+  caches.build_once(directory, "eval.json", write)
   return directory
 
 
@@ -356,28 +351,21 @@ def pack_tables(directory: str, keep: dict[str, np.ndarray], sizes: dict[str, np
   {'max_examples_per_block': E, split: {'blocks', 'examples', 'closed_early', 'most_examples'}}.
   """
   target = os.path.join(directory, "packs", pack_key(seq_len, max_examples, overlong))
-  if not os.path.exists(os.path.join(target, "packs.json")):
-    os.makedirs(os.path.dirname(target), exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=os.path.basename(target) + ".tmp", dir=os.path.dirname(target))
-    try:
-      info: dict[str, Any] = {}
-      for split in keep:
-        starts, closed_early = greedy_pack(sizes[split], seq_len, max_examples)
-        np.save(os.path.join(tmp, f"{split}.records.npy"), np.asarray(keep[split], np.int64))
-        np.save(os.path.join(tmp, f"{split}.starts.npy"), starts)
-        info[split] = dict(blocks=len(starts) - 1, examples=len(keep[split]), closed_early=closed_early,
-                           most_examples=int(np.diff(starts).max(initial=0)))
-      info["max_examples_per_block"] = (max_examples if max_examples > 0 else
-                                        max(1, *(info[split]["most_examples"] for split in keep)))
-      with open(os.path.join(tmp, "packs.json"), "w") as f:
-        json.dump(info, f)
-      try:
-        os.rename(tmp, target)
-      except OSError:  # another process finished first; its tables are identical
-        if not os.path.exists(os.path.join(target, "packs.json")):
-          raise
-    finally:
-      shutil.rmtree(tmp, ignore_errors=True)
+
+  def write(tmp: str) -> None:
+    info: dict[str, Any] = {}
+    for split in keep:
+      starts, closed_early = greedy_pack(sizes[split], seq_len, max_examples)
+      np.save(os.path.join(tmp, f"{split}.records.npy"), np.asarray(keep[split], np.int64))
+      np.save(os.path.join(tmp, f"{split}.starts.npy"), starts)
+      info[split] = dict(blocks=len(starts) - 1, examples=len(keep[split]), closed_early=closed_early,
+                         most_examples=int(np.diff(starts).max(initial=0)))
+    info["max_examples_per_block"] = (max_examples if max_examples > 0 else
+                                      max(1, *(info[split]["most_examples"] for split in keep)))
+    with open(os.path.join(tmp, "packs.json"), "w") as f:
+      json.dump(info, f)
+
+  caches.build_once(target, "packs.json", write)
   with open(os.path.join(target, "packs.json")) as f:
     info = json.load(f)
   tables = {split: PackTable(np.load(os.path.join(target, f"{split}.records.npy")),
@@ -580,7 +568,11 @@ class PretrainingData:
 
 
 def _tokenizer_for_run(data_cfg, corpus: builders.Corpus, workdir: str | None) -> tokenizers.Tokenizer:
-  """workdir/tokenizer when present (resume), else built (or reused from the data-side cache) and saved there."""
+  """workdir/tokenizer when present (resume), else built (or reused from the data-side cache) and saved there.
+
+  The data-side cache `exlm_tokenizers/<corpus name>/<spec>` is keyed on the corpus name, which carries
+  the corpus file's content hash (builders.py): an edited corpus gets a new vocabulary.
+  """
   kind = data_cfg.tokenizer
   run_dir = epath.Path(workdir) / "tokenizer" if workdir else None  # epath: workdirs may be remote
   if run_dir and (run_dir / tokenizers.CONFIG_FILE).exists():
@@ -700,8 +692,8 @@ def load_pretraining_data(config, workdir: str | None) -> PretrainingData:
   if packing and mode == "records":
     summary["examples_per_block"] = round(summary["train_examples"] / summary["train_blocks"], 3)
   if summary["eval_blocks"] == 0:
-    logging.warning("eval split of %s is empty; raise config.data.eval_fraction or set data.eval_path", corpus.name)
-  logging.info("pretraining data: %s", summary)
+    log.warning("eval split of %s is empty; raise config.data.eval_fraction or set data.eval_path", corpus.name)
+  log.info("pretraining data: %s", summary)
   return PretrainingData(
       tokenizer=tok, train_blocks=blocks["train"], eval_blocks=blocks["eval"], summary=summary,
       seq_len=seq_len, batch_size=int(config.batch_size), seed=int(config.seed),

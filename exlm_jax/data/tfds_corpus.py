@@ -18,8 +18,11 @@ from typing import Iterator
 import numpy as np
 import tensorflow_datasets as tfds
 
+from exlm_jax.data import caches
 from exlm_jax.data import holdout
 from exlm_jax.data import readers
+
+log = logging.getLogger(__name__)
 
 # The builders' TFDS version: part of every build's path and of every config's hash.
 VERSION = "1.0.0"
@@ -31,6 +34,8 @@ class CorpusConfig(tfds.core.BuilderConfig):
   kind: str  # "smiles" | "text"
   source: str  # resolved local path or URL
   eval_source: str  # "" = hold out eval_fraction of `source`
+  source_sha256: str  # SHA-256 of the local file's bytes ("" for a URL): the content key
+  eval_source_sha256: str
   eval_fraction: float
   column: str
   max_examples: int
@@ -59,6 +64,16 @@ class _CorpusBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   def _local(self, source: str, dl_manager) -> str:
     return os.fspath(dl_manager.download(source)) if readers.is_url(source) else source
 
+  # TFDS announces a build with two bold lines on stdout; one plain line says what is built from what.
+  def _log_download_bytes(self) -> None:
+    cfg = self.builder_config
+    print(f"building corpus {self.name}/{cfg.name} from {cfg.source}"
+          f"{' + ' + cfg.eval_source if cfg.eval_source else ''} (once per file content and data options)",
+          flush=True)
+
+  def _log_download_done(self) -> None:
+    pass
+
   def _split_generators(self, dl_manager):
     """Scans the source(s) once to decide every row's fate, then writes `train` (and `eval`).
 
@@ -77,8 +92,10 @@ class _CorpusBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
                                         validate=validate)
     metadata = {"source": holdout.status_counts(train_status)}
     splits = {"train": (train_file, train_status, holdout.TRAIN)}
+    local_files = {"source": train_file}
     if cfg.eval_source:
       eval_file = (self._local(cfg.eval_source, dl_manager), cfg.eval_source)
+      local_files["eval_source"] = eval_file
       eval_status = holdout.scan_records(read(*eval_file), max_examples=cfg.max_examples, eval_fraction=0.0,
                                          validate=validate)
       metadata["eval_source"] = holdout.status_counts(eval_status)
@@ -95,9 +112,12 @@ class _CorpusBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
                        "check config.data.path / column / max_examples")
     for key, value in metadata.items():
       if value["skipped_invalid"]:
-        logging.warning("%s: skipped %d of %d SMILES that RDKit cannot parse", key, value["skipped_invalid"],
-                        value["records_read"])
+        log.warning("%s: skipped %d of %d SMILES that RDKit cannot parse", key, value["skipped_invalid"],
+                  value["records_read"])
       self.info.metadata[key] = value
+    downloaded = {key: caches.file_sha256(local) for key, (local, name) in local_files.items() if readers.is_url(name)}
+    if downloaded:  # local files are keyed on their content in the config already
+      self.info.metadata["content_sha256"] = downloaded
     return {split: self._generate_examples(read(*file), status, keep)
             for split, (file, status, keep) in splits.items()}
 

@@ -23,7 +23,10 @@ from typing import Any, Iterable, Protocol, Sequence
 import numpy as np
 from etils import epath
 
+from exlm_jax.data import caches
 from exlm_jax.data import vocab
+
+log = logging.getLogger(__name__)
 
 CONFIG_FILE = "tokenizer.json"
 SPM_MODEL_FILE = "spm.model"
@@ -124,7 +127,7 @@ class SmilesRegexTokenizer:
     if not kept:
       raise ValueError(f"no SMILES tokens found in {seen} strings ({uncovered} uncovered); check the corpus")
     if uncovered:
-      logging.warning("SMILES vocabulary: %d of %d strings have characters the regex does not cover",
+      log.warning("SMILES vocabulary: %d of %d strings have characters the regex does not cover",
                       uncovered, seen)
     stats = dict(strings=seen, uncovered=uncovered, distinct_tokens=len(counts),
                  below_min_count=len(counts) - len(kept), min_count=min_count)
@@ -389,20 +392,25 @@ def build_tokenizer(data_cfg, records: Iterable[str], cache_dir: str | os.PathLi
   kind = data_cfg.tokenizer
   if kind not in KINDS:
     raise ValueError(f"unknown config.data.tokenizer {kind!r}; choose one of {', '.join(KINDS)}")
-  if cache_dir is not None and (epath.Path(cache_dir) / CONFIG_FILE).exists():
-    tok = load(cache_dir)
-    if tok.kind != kind:
-      raise ValueError(f"{cache_dir} holds a {tok.kind!r} tokenizer but config.data.tokenizer={kind!r}; "
-                       "delete that directory or use another workdir")
-    return tok
-  if kind == "smiles_regex":
-    tok = SmilesRegexTokenizer.build(records)
-  else:
+
+  def build() -> Tokenizer:
+    if kind == "smiles_regex":
+      return SmilesRegexTokenizer.build(records)
     max_sentences = int(data_cfg.get("spm_max_sentences", 500_000))
-    tok = SentencePieceTokenizer.train(_sample(records, max_sentences), vocab_size=int(data_cfg.vocab_size),
-                                       kind=kind)
-  if cache_dir is not None:
-    save_atomic(tok, cache_dir)
+    return SentencePieceTokenizer.train(_sample(records, max_sentences), vocab_size=int(data_cfg.vocab_size),
+                                        kind=kind)
+
+  if cache_dir is None:
+    return build()
+  if "://" in str(cache_dir):  # remote: no locks or atomic renames
+    if not (epath.Path(cache_dir) / CONFIG_FILE).exists():
+      build().save(cache_dir)
+  else:  # one process builds (under a lock, into a renamed temporary; caches.py), the others wait
+    caches.build_once(os.fspath(cache_dir), CONFIG_FILE, lambda tmp: build().save(tmp))
+  tok = load(cache_dir)
+  if tok.kind != kind:
+    raise ValueError(f"{cache_dir} holds a {tok.kind!r} tokenizer but config.data.tokenizer={kind!r}; "
+                     "delete that directory or use another workdir")
   return tok
 
 

@@ -332,6 +332,7 @@ def load_molecule_csv(path: PathLike, smiles_column: str, label_columns: Sequenc
     log.warning("%s; skipped", message)
   values = np.stack([_numeric_column(frame[c], c, path) for c in label_columns], axis=1)[valid]
   mask = ~np.isnan(values)
+  _check_usable(path, len(frame), int(valid.sum()), mask, list(label_columns))
   labels, label_names, num_outputs = _molecule_labels(values, mask, task_type, list(label_columns), path)
   provenance = Provenance((str(path),), len(frame), tuple((int(r), smiles[r]) for r in invalid_rows),
                           int((~mask).sum()), int((~mask.any(1)).sum()))
@@ -366,13 +367,28 @@ def split_molecules(task: TaskData, method: str = "scaffold", fractions: Sequenc
 def _read_molecule_frame(path: pathlib.Path, smiles_column: str, label_columns: list[str]) -> pd.DataFrame:
   if not path.is_file():
     raise FileNotFoundError(f"no molecule CSV at {path}")
-  header = list(pd.read_csv(path, nrows=0).columns)
+  try:
+    header = list(pd.read_csv(path, nrows=0).columns)
+  except pd.errors.EmptyDataError:
+    raise ValueError(f"{path} is empty; a molecule CSV needs a header row naming the SMILES column "
+                     f"({smiles_column!r}) and the label column(s) {label_columns}, then one row per molecule") from None
   missing = [c for c in [smiles_column, *label_columns] if c not in header]
   if missing:
     shown = ", ".join(header[:12]) + (f", ... ({len(header)} columns)" if len(header) > 12 else "")
-    raise ValueError(f"{path.name} has no column(s) {missing}; set data.smiles_column / data.label_columns "
+    raise ValueError(f"{path} has no column(s) {missing}; set data.smiles_column / data.label_columns "
                      f"to columns it has: {shown}")
   return pd.read_csv(path, usecols=[smiles_column, *label_columns], dtype=str, keep_default_na=False)
+
+
+def _check_usable(path: pathlib.Path, rows: int, parsable: int, mask: np.ndarray, columns: list[str]) -> None:
+  """One line naming the file when nothing can be trained on: no data rows, no parsable SMILES, no labels."""
+  if rows == 0:
+    raise ValueError(f"{path} has a header but no data rows; add one row per molecule")
+  if parsable == 0:
+    raise ValueError(f"{path}: none of its {rows} SMILES can be parsed by RDKit; check the SMILES column")
+  if not mask.any():
+    raise ValueError(f"{path} has no labels: every cell of column(s) {columns} is empty (among the {parsable} "
+                     "rows with parsable SMILES); fill them in or set data.label_columns to labelled columns")
 
 
 def _numeric_column(column: pd.Series, name: str, path: pathlib.Path) -> np.ndarray:

@@ -460,8 +460,11 @@ def masked_log_probs(copies: str = "mixture"):
 
   def body(m: ExLMModel, tokens, slots):
     batch, num_slots = slots.shape
-    _, _, _, logits = m.expanded_logits(tokens, tokens == vocab.MASK, num_slots + 2)  # (B, k G, V)
-    logp = jax.nn.log_softmax(logits.reshape(batch, num_slots + 2, m.num_copies, -1)[:, 1:-1], axis=-1)  # masks only
+    groups = num_slots + 2  # <s>, up to num_slots [MASK]s, the final </s>
+    # expand() takes its `groups` from the block's slots: a block of mostly [MASK]s (B, n < G) gets <pad> slots.
+    tokens = jnp.pad(tokens, ((0, 0), (0, max(0, groups - tokens.shape[1]))), constant_values=vocab.PAD)
+    _, _, _, logits = m.expanded_logits(tokens, tokens == vocab.MASK, groups)  # (B, k G, V)
+    logp = jax.nn.log_softmax(logits.reshape(batch, groups, m.num_copies, -1)[:, 1:-1], axis=-1)  # masks only
     if copies == "first":
       return logp[:, :, 0]
     return jax.nn.logsumexp(logp, axis=2) - math.log(m.num_copies)

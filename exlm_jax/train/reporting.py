@@ -3,6 +3,7 @@ log window both training loops (pretraining, fine-tuning) report their train met
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import time
@@ -19,9 +20,88 @@ def note(message: str) -> None:
 
 
 def quiet_library_logs() -> None:
-  """Orbax/Grain log every save at INFO through absl; a training run only shows our own lines."""
+  """A run's screen shows our lines, progress and counts; library chatter is filtered where it is logged.
+
+  - Orbax/Grain log every save at INFO through absl: absl's verbosity is WARNING.
+  - Lines that are not the user's business are dropped at their source logger (`_LIBRARY_NOISE`: JAX's
+    "Unable to initialize backend 'tpu'", TFDS's "Using custom data configuration: <whole config>" on
+    every builder and "Variant folder ... has no dataset_info.json" before a build); other library
+    warnings still show.
+  - No progress bars when stdout or stderr is not a terminal (TFDS's tqdm bars are carriage returns and
+    escape codes in a log file): tqdm's TQDM_DISABLE default, and TFDS's switch if it is imported.
+  - Our own warnings (loggers `exlm_jax.*`) are plain `warning: ...` lines through `note`, not absl-formatted.
+  Idempotent; call it before JAX starts (main.py) so the backend lines are filtered too.
+  """
   from absl import logging as absl_logging  # pylint: disable=g-import-not-at-top
   absl_logging.set_verbosity(absl_logging.WARNING)
+  for name in _NOISY_LOGGERS:
+    _add_once(logging.getLogger(name).filters, _LibraryNoise, logging.getLogger(name).addFilter)
+  _add_once(absl_logging.get_absl_handler().filters, _NotOurs, absl_logging.get_absl_handler().addFilter)
+  ours = logging.getLogger("exlm_jax")
+  _add_once(ours.handlers, _PlainNotes, ours.addHandler)
+  if not (_is_terminal(sys.stdout) and _is_terminal(sys.stderr)):
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    if "tensorflow_datasets" in sys.modules:
+      sys.modules["tensorflow_datasets"].disable_progress_bar()
+
+
+# (package directory in the record's path, message prefix) of library lines that are not the user's business.
+_LIBRARY_NOISE = (
+    ("jax", "Unable to initialize backend"),  # JAX probing for a TPU / GPU plugin on a machine without one
+    ("tensorflow_datasets", "Using custom data configuration"),  # every corpus is a custom BuilderConfig
+    ("tensorflow_datasets", "Variant folder"),  # "... has no dataset_info.json": a build not yet done
+)
+_NOISY_LOGGERS = ("absl", "jax._src.xla_bridge")  # where those lines are logged (TFDS logs through absl)
+
+
+class _LibraryNoise:
+  """logging filter: drops the `_LIBRARY_NOISE` records."""
+
+  @staticmethod
+  def filter(record) -> bool:
+    path = record.pathname.replace("\\", "/")
+    message = str(record.msg)
+    return not any(f"/{package}/" in path and message.startswith(prefix) for package, prefix in _LIBRARY_NOISE)
+
+
+class _NotOurs:
+  """absl handler filter: our loggers' records are shown by `_PlainNotes` instead."""
+
+  @staticmethod
+  def filter(record) -> bool:
+    return not (record.name == "exlm_jax" or record.name.startswith("exlm_jax."))
+
+
+class _PlainNotes(logging.Handler):
+  """Our WARNING+ records as `warning: <message>` / `error: <message>` note lines."""
+
+  def __init__(self):
+    super().__init__(logging.WARNING)
+
+  def emit(self, record) -> None:
+    try:
+      line = f"{record.levelname.lower()}: {record.getMessage()}"
+      if _jax_started():
+        note(line)
+      else:  # asking JAX for the process index would start it before jax.distributed.initialize
+        print(line, flush=True, file=sys.stdout)
+    except Exception:  # pylint: disable=broad-except
+      self.handleError(record)
+
+
+def _jax_started() -> bool:
+  from jax._src import xla_bridge  # pylint: disable=g-import-not-at-top
+  started = getattr(xla_bridge, "backends_are_initialized", None)
+  return started is None or started()
+
+
+def _add_once(installed, kind, add) -> None:
+  if not any(isinstance(item, kind) for item in installed):
+    add(kind())
+
+
+def _is_terminal(stream) -> bool:
+  return bool(getattr(stream, "isatty", None)) and stream.isatty()
 
 
 def format_duration(seconds: float) -> str:
