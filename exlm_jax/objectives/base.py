@@ -172,6 +172,20 @@ def model_config(config: ml_collections.ConfigDict, **overrides) -> ModelConfig:
   return ModelConfig.from_config(config.model, **overrides)
 
 
+def max_examples(config: ml_collections.ConfigDict) -> int:
+  """The most examples one block holds, the objectives' static per-example bound: the resolved
+  `config.data.max_examples_per_block` with `config.data.packing` on (the pipeline resolves -1 and the
+  trainer writes the value back before building the model), else 1 (one example per block)."""
+  data = config.get("data", None) or {}
+  if not data.get("packing", False):
+    return 1
+  value = data.get("max_examples_per_block", -1)
+  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+    raise ValueError(f"config.data.max_examples_per_block={value!r} with data.packing on: the model needs the "
+                     "resolved bound (an integer >= 1); load the data first (it writes the value back) or set it")
+  return int(value)
+
+
 def dummy_tokens(batch_size: int, seq_len: int) -> jax.Array:
   """A valid block `<s> x ... x </s>` for shape-only initialisation."""
   tokens = jnp.full((batch_size, seq_len), vocab.NUM_SPECIAL, jnp.int32)

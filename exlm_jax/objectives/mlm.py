@@ -98,7 +98,8 @@ class MLMModel(nn.Module):
 
 def make_model(config: ml_collections.ConfigDict, deterministic: bool) -> MLMModel:
   return MLMModel(base.model_config(config), config.mask_prob,
-                  bool(config.get("mlm", {}).get("bert_corruption", False)), deterministic)
+                  bool(config.get("mlm", {}).get("bert_corruption", False)), deterministic,
+                  base.max_examples(config))
 
 
 def masked_log_probs():
@@ -107,9 +108,10 @@ def masked_log_probs():
 
 
 def train_flops(config: ml_collections.ConfigDict, include_remat: bool) -> flops.Breakdown:
-  """One sequence: the encoder on n slots, the LM head at the M_max masked positions."""
+  """One sequence: the encoder on n slots, the LM head at the M_max masked positions (of a block holding up to
+  `base.max_examples(config)` examples)."""
   m, n = config.model, config.seq_len
-  m_max = max_masked(config.mask_prob, n)
+  m_max = max_masked(config.mask_prob, n, base.max_examples(config))
   return flops.Breakdown(
       encoder=flops.model_encoder_train(m, n, include_remat),
       lm_head=3 * flops.lm_head_forward(m_max, m.d_model, m.vocab_size),
