@@ -5,20 +5,27 @@
   python bench/step_time.py --objective mlm --objective exlm --k 4 --size base --dtype bfloat16 \
       --seq_len 512 --batch 64 --json out.json
   python bench/step_time.py --objective mlm --data_path '$DATA/text/agnews/dev.tsv'   # input- or compute-bound?
+  python bench/step_time.py --objective mlm --data_path '$DATA/smiles/moses/test.csv.gz' --data_name smiles \
+      --packing on,off                                   # real MOSES batches, packed vs one molecule per block
 
 Each row is a real pretraining config (`config_lib.pretrain_config(objective, size)` + the objective's
 default block, `Objective.default_config`; `--set dotted.key=value` overrides, where a key under another
 objective's block, e.g. `maelm.decoder_layers`, only touches that objective's rows). `--k N` is
 `NAME:<copies option>=N` for every objective with copies per token (`Objective.copies_option`: ExLM,
 Repeated-MLM). The step is the trainer's own (`TrainSetup.compile_train_step`: AOT-compiled, state
-donated, masking inside the step) on full-length synthetic blocks `<s> x ... x </s>`. All rows are
-compiled and warmed up first, then timed round-robin (`--rounds` x `--steps`, each step ended by
-`block_until_ready`) so load drifting on a shared host hits every row alike; the table shows the median.
+donated, masking inside the step) on full-length synthetic blocks `<s> x ... x </s>`, or with `--packing`
+on real batches of the training pipeline (`--data_path`, `--data_name`): one row per objective and
+packing value (on = several examples per block, off = one per block), the vocabulary the tokenizer gives.
+All rows are compiled and warmed up first, then timed round-robin (`--rounds` x `--steps`, each step
+ended by `block_until_ready`) so load drifting on a shared host hits every row alike; the table shows
+the median.
 
-Columns: step ms (median), tokens/s (batch x seq_len original tokens, as the trainer's progress line),
+Columns: step ms (median), tokens/s (batch x seq_len slots, padding included, as the trainer's progress
+line), real tok/s (real tokens counted by the step on device / step time) and slots % (real / all slots),
 xMLM (step-time ratio to the row of `objectives.BASELINE`), CPU ms + xMLM (CPU only: process CPU time per
 step over all threads, steadier than wall time when other jobs share the host), GFLOP (analytic model FLOPs
-per step, exlm_jax/train/flops.py), TFLOP/s per device, MFU (device peak from `flops.PEAK_FLOPS`, none on
+per step at the static shapes, exlm_jax/train/flops.py), TFLOP/s per device (static count), MFU (real FLOPs:
+the same formulas at the batch's actual lengths, over the device peak from `flops.PEAK_FLOPS`; none on
 CPU), DAG % (rows whose FLOPs model has a DAG programme, i.e. ExLM: the DAG loss forward+backward timed
 alone on the step's shapes, over the step time) and mem MiB (XLA temp + argument bytes of the compiled
 step, per device).
@@ -34,6 +41,7 @@ import statistics
 import sys
 import tempfile
 import time
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -66,13 +74,43 @@ def apply_overrides(config, overrides: list[str]):
   return config
 
 
-def make_config(objective: str, overrides: list[str], args):
-  """The pretraining config of one benchmark row: the objective's default block, then `overrides`."""
+def make_config(objective: str, overrides: list[str], args, data=None):
+  """The pretraining config of one benchmark row: the objective's default block, then `overrides`; with
+  `data` (a RealData) its data block (packing and the resolved bound) and the tokenizer's vocabulary."""
   config = config_lib.pretrain_config(objective, args.size)
   config.model.update(vocab_size=args.vocab or DEFAULT_VOCAB[args.size], dtype=args.dtype, remat=args.remat)
   config.seq_len, config.batch_size = args.seq_len, args.batch
   config.warmup_steps = 1
+  if data is not None:
+    config.data = data.config
+    config.model.vocab_size = data.vocab_size
   return apply_overrides(config, overrides)
+
+
+class RealData(NamedTuple):
+  """Real training batches of one packing value: the data block, the tokenizer's vocabulary, host batches."""
+
+  config: Any  # config.data, with max_examples_per_block resolved when packing
+  vocab_size: int
+  batches: list  # pipeline batches as the objectives take them (steps.pipeline_batch)
+  summary: dict
+
+
+def real_data(args, packing: bool, workdir: str) -> RealData:
+  """`args.data_batches` consecutive batches of the real training pipeline (`--data_path`) at the bench's
+  batch shape, packed or one example per block."""
+  from exlm_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  config = config_lib.pretrain_config("mlm", args.size)
+  config.seq_len, config.batch_size = args.seq_len, args.batch
+  config.data = config_lib.data_config(args.data_name, args.data_path, max_examples=args.data_max_examples,
+                                       tfds_dir=args.tfds_dir or os.path.join(workdir, "tfds"))
+  config.data.packing = packing
+  config.data.max_examples_per_block = -1
+  data = pipeline.load_pretraining_data(config, os.path.join(workdir, f"packing_{packing}"))
+  config.data.max_examples_per_block = data.max_examples_per_block
+  iterator = data.train_iterator()
+  batches = [steps.pipeline_batch(next(iterator), packing) for _ in range(args.data_batches)]
+  return RealData(config.data, data.tokenizer.vocab_size, batches, data.summary)
 
 
 def synthetic_blocks(batch: int, seq_len: int, vocab_size: int, seed: int) -> np.ndarray:
@@ -115,30 +153,36 @@ def median_seconds(fn, repeats: int) -> float:
 class Run:
   """One row: compiled step, live (donated) state, device batches and the timed samples."""
 
-  def __init__(self, objective: str, k: int | None, label: str, overrides: list[str], args, mesh):
+  def __init__(self, objective: str, k: int | None, label: str, overrides: list[str], args, mesh,
+               data: RealData | None = None):
     self.objective, self.k, self.label, self.overrides = objective, k, label, overrides
-    self.config = config = make_config(objective, overrides, args)
+    self.config = config = make_config(objective, overrides, args, data)
+    self.packing = None if data is None else steps.packed(config)  # None: synthetic full blocks
     self.setup = steps.TrainSetup.create(config, mesh)
     started = time.perf_counter()
     self.compiled = self.setup.compile_train_step()
     self.compile_s = time.perf_counter() - started
     self.state = self.setup.init_state()
-    self.batches = [self.setup.shard_batch(synthetic_blocks(config.batch_size, config.seq_len,
-                                                            config.model.vocab_size, seed)) for seed in range(2)]
+    host = data.batches if data is not None else [
+        synthetic_blocks(config.batch_size, config.seq_len, config.model.vocab_size, seed) for seed in range(2)]
+    self.batches = [self.setup.shard_batch(batch) for batch in host]
     self.wall, self.cpu = [], []  # seconds per timed step: wall clock, process CPU (all threads)
+    self.real_tokens, self.examples = [], []  # counted by the step, per timed step
 
-  def step(self) -> tuple[float, float]:
+  def step(self) -> tuple[float, float, dict]:
     batch = self.batches[len(self.wall) % len(self.batches)]
     start, cpu_start = time.perf_counter(), time.process_time()
     self.state, metrics = self.compiled(self.state, batch)
     jax.block_until_ready((self.state, metrics))
-    return time.perf_counter() - start, time.process_time() - cpu_start
+    return time.perf_counter() - start, time.process_time() - cpu_start, metrics
 
   def time(self, num_steps: int) -> None:
     for _ in range(num_steps):
-      wall, cpu = self.step()
+      wall, cpu, metrics = self.step()
       self.wall.append(wall)
       self.cpu.append(cpu)
+      self.real_tokens.append(int(metrics["real_tokens"]))
+      self.examples.append(int(metrics["examples"]))
 
   def memory_bytes(self) -> int | None:
     mem = self.compiled.memory_analysis()
@@ -177,18 +221,23 @@ def record(run: Run, baseline: Run | None, args, peak: float | None, dag_s: floa
   config, device = run.config, jax.devices()[0]
   step_s, cpu_s = statistics.median(run.wall), statistics.median(run.cpu)
   model_flops = flops.train_flops_per_step(config)
+  real_tokens, examples = statistics.mean(run.real_tokens), statistics.mean(run.examples)
+  real_flops = flops.real_train_flops_per_step(config, real_tokens, examples)
+  slots = config.batch_size * config.seq_len
   return {
-      "objective": run.objective, "k": run.k, "size": args.size, "seq_len": config.seq_len,
+      "objective": run.objective, "k": run.k, "packing": run.packing, "size": args.size, "seq_len": config.seq_len,
       "batch": config.batch_size, "dtype": config.model.dtype, "remat": config.model.remat,
       "vocab_size": config.model.vocab_size, "overrides": run.overrides,
+      "data_path": args.data_path if run.packing is not None else None,
       "step_time_s": step_s, "num_samples": len(run.wall),
-      "tokens_per_s": config.batch_size * config.seq_len / step_s,
+      "tokens_per_s": slots / step_s, "real_tokens_per_s": real_tokens / step_s,
+      "slot_utilisation": real_tokens / slots, "real_tokens_per_step": real_tokens, "examples_per_step": examples,
       f"ratio_to_{BASELINE}": step_s / statistics.median(baseline.wall) if baseline else None,
       "cpu_time_s": cpu_s,
       f"cpu_ratio_to_{BASELINE}": cpu_s / statistics.median(baseline.cpu) if baseline else None,
       "flops_per_step": model_flops, "flops_breakdown": flops.breakdown(config).as_dict(),
-      "xla_flops_per_step": flops.xla_flops(run.compiled),
-      **flops.perf_metrics(model_flops, step_s, jax.device_count(), peak),
+      "real_flops_per_step": real_flops, "xla_flops_per_step": flops.xla_flops(run.compiled),
+      **flops.perf_metrics(model_flops, step_s, jax.device_count(), peak, real_flops),
       "dag_time_s": dag_s, "dag_fraction": dag_s / step_s if dag_s is not None else None,
       "peak_memory_bytes": run.memory_bytes(), "compile_s": run.compile_s,
       "device": device.platform, "device_kind": device.device_kind, "num_devices": jax.device_count(),
@@ -203,12 +252,13 @@ def _cell(value, spec: str, scale: float = 1.0) -> str:
 def print_table(records: list[dict], header: str) -> None:
   cpu, width = records[0]["device"] == "cpu", max(len(r["label"]) for r in records + [{"label": "objective"}])
   ratio = "x" + BASELINE.upper()
-  title = (f"{'objective':<{width}} {'step ms':>8} {'tokens/s':>9} {ratio:>5} "
+  title = (f"{'objective':<{width}} {'step ms':>8} {'tokens/s':>9} {'real tok/s':>10} {'slots %':>7} {ratio:>5} "
            + (f"{'CPU ms':>7} {ratio:>5} " if cpu else "")
            + f"{'GFLOP':>7} {'TFLOP/s/dev':>11} {'MFU %':>6} {'DAG %':>6} {'mem MiB':>8}")
   print(header, title, "-" * len(title), sep="\n")
   for r in records:
     print(f"{r['label']:<{width}} {r['step_time_s'] * 1e3:>8.1f} {r['tokens_per_s']:>9,.0f} "
+          f"{r['real_tokens_per_s']:>10,.0f} {100 * r['slot_utilisation']:>7.1f} "
           f"{_cell(r[f'ratio_to_{BASELINE}'], '.2f'):>5} "
           + (f"{r['cpu_time_s'] * 1e3:>7.0f} {_cell(r[f'cpu_ratio_to_{BASELINE}'], '.2f'):>5} " if cpu else "")
           + f"{r['flops_per_step'] / 1e9:>7.1f} {r['tflops_per_device']:>11.3f} "
@@ -241,12 +291,26 @@ def parse_args(argv=None):
   parser.add_argument("--no_dag", action="store_true", help="skip timing the DAG loss alone")
   parser.add_argument("--peak_tflops", type=float, default=0.0, help="device peak for MFU (default: table)")
   parser.add_argument("--profile", default="", help="write a jax.profiler trace of 3 steps per row here")
-  parser.add_argument("--data_path", default="", help="also time the real input pipeline on this corpus")
+  parser.add_argument("--data_path", default="", help="also time the real input pipeline on this corpus; with "
+                      "--packing: rows on its real batches")
   parser.add_argument("--data_name", default="text", choices=("text", "smiles"))
+  parser.add_argument("--packing", default="", help="on,off | on | off: real-data rows (needs --data_path), one "
+                      "per objective and value: several examples per block (on) or one per block (off)")
+  parser.add_argument("--data_max_examples", type=int, default=20_000, help="records read from --data_path")
+  parser.add_argument("--data_batches", type=int, default=4, help="distinct real batches a row cycles through")
+  parser.add_argument("--tfds_dir", default="", help="where the corpus is built (default: a temporary folder)")
   parser.add_argument("--json", default="", help="write one record per row here")
   args = parser.parse_args(argv)
   args.ks = args.k or [1, 2, 4, 8]
-  args.plan = []  # (objective, k, label, block overrides)
+  args.packings = []
+  for value in filter(None, args.packing.split(",")):
+    if value not in ("on", "off"):
+      parser.error(f"--packing {args.packing!r}: a comma list of on / off, e.g. --packing on,off")
+    args.packings.append(value == "on")
+  if args.packings and not args.data_path:
+    parser.error("--packing times real batches: give the corpus, e.g. --data_path '$DATA/smiles/moses/test.csv.gz' "
+                 "--data_name smiles")
+  args.plan = []  # (objective, k, label, block overrides, packing or None)
   for spec in args.objective or ["all"]:
     name, _, block = spec.partition(":")
     if name not in (*names, "all"):
@@ -256,19 +320,31 @@ def parse_args(argv=None):
       copies = objectives.get(objective).copies_option
       for k in (args.ks if copies else (None,)):
         label = objective if k is None else f"{objective} k={k}"
+        label = f"{label} {block}" if block else label
         row = extra if k is None else [f"{objective}.{copies}={k}", *extra]
-        args.plan.append((objective, k, f"{label} {block}" if block else label, row))
+        for packing in args.packings or [None]:
+          suffix = "" if packing is None else (" packed" if packing else " padded")
+          args.plan.append((objective, k, label + suffix, row, packing))
   return args
 
 
 def main(argv=None) -> list[dict]:
   args = parse_args(argv)
+  with tempfile.TemporaryDirectory() as scratch:
+    return _main(args, scratch)
+
+
+def _main(args, scratch: str) -> list[dict]:
   device = jax.devices()[0]
   peak = args.peak_tflops * 1e12 if args.peak_tflops else flops.peak_flops_per_device(device)
   mesh = partitioning.create_mesh(config_lib.pretrain_config().mesh)
+  data = {packing: real_data(args, packing, scratch) for packing in args.packings}
+  for packing, real in data.items():
+    print(f"data packing={packing}: " + ", ".join(f"{k} {real.summary[k]}" for k in _DATA_COUNTS if k in real.summary),
+          file=sys.stderr, flush=True)
   runs = []
-  for objective, k, label, extra in args.plan:
-    runs.append(Run(objective, k, label, args.set + extra, args, mesh))
+  for objective, k, label, extra, packing in args.plan:
+    runs.append(Run(objective, k, label, args.set + extra, args, mesh, data.get(packing)))
     for _ in range(args.warmup):
       runs[-1].step()
     print(f"compiled {runs[-1].label} in {runs[-1].compile_s:.1f}s", file=sys.stderr, flush=True)
@@ -285,18 +361,27 @@ def main(argv=None) -> list[dict]:
         for _ in range(3):
           run.step()
 
-  baseline = next((r for r in runs if r.objective == BASELINE), None)
+  baselines = {}  # packing -> the first baseline row with that packing
+  for run in runs:
+    if run.objective == BASELINE:
+      baselines.setdefault(run.packing, run)
   repeats = args.steps * args.rounds
   records = []
   for run in runs:
     dag_s = None if args.no_dag else run.dag_seconds(repeats)
-    records.append({"label": run.label, **record(run, baseline, args, peak, dag_s), "load_average": load})
+    records.append({"label": run.label, **record(run, baselines.get(run.packing), args, peak, dag_s),
+                    "load_average": load})
+  _packed_to_padded(records)
   header = (f"{device.platform} ({device.device_kind}) x {jax.device_count()}, jax {jax.__version__} | "
             f"size {args.size}, seq {args.seq_len}, batch {args.batch}, {args.dtype}, remat {args.remat}, "
-            f"vocab {records[0]['vocab_size']}{''.join(' --set ' + s for s in args.set)} | "
+            f"vocab {', '.join(sorted({str(r['vocab_size']) for r in records}))}"
+            f"{''.join(' --set ' + s for s in args.set)}{' | data ' + args.data_path if args.packings else ''} | "
             f"median of {repeats} steps | load avg {load[0]:.1f} -> {load[1]:.1f}")
   print_table(records, header)
-  if args.data_path:
+  for r in records:
+    if r.get("real_ratio_packed_to_padded") is not None:
+      print(f"{r['label']}: real tokens/s {r['real_ratio_packed_to_padded']:.2f}x the padded row")
+  if args.data_path and not args.packings:
     next_s, step_s = input_seconds(args, runs[0].config), statistics.median(runs[0].wall)
     bound = "INPUT-bound" if next_s > step_s else "compute-bound"
     print(f"input pipeline {args.data_path}: {next_s * 1e3:.1f} ms per batch vs {runs[0].label} step "
@@ -308,6 +393,20 @@ def main(argv=None) -> list[dict]:
       json.dump(records, f, indent=1)
     print(f"wrote {len(records)} records to {args.json}")
   return records
+
+
+_DATA_COUNTS = ("train_records", "train_blocks", "slot_utilisation", "examples_per_block", "max_examples_per_block",
+                "closed_early", "vocab_size")
+
+
+def _packed_to_padded(records: list[dict]) -> None:
+  """`real_ratio_packed_to_padded` on each packed record: its real tokens/s over the padded row of the same
+  objective, k and overrides (None where there is none)."""
+  key = lambda r: (r["objective"], r["k"], tuple(r["overrides"]))
+  padded = {key(r): r for r in records if r["packing"] is False}
+  for r in records:
+    other = padded.get(key(r)) if r["packing"] else None
+    r["real_ratio_packed_to_padded"] = r["real_tokens_per_s"] / other["real_tokens_per_s"] if other else None
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ Tolerances (measured, jax 0.10.2 CPU, one layer of width 128 / FFN 512, seq 32, 
 """
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
@@ -45,10 +46,8 @@ def _setup(config):
 
 
 def _traced(setup):
-  tokens = jax.ShapeDtypeStruct((setup.config.batch_size, setup.config.seq_len), jnp.int32,
-                                sharding=setup.batch_sharding)
   with setup.context():
-    return setup._train.trace(setup.abstract_state(), tokens)  # pylint: disable=protected-access
+    return setup._train.trace(setup.abstract_state(), setup.abstract_batch())  # pylint: disable=protected-access
 
 
 @pytest.mark.parametrize("objective,block", [("mlm", {}), ("maelm", {"decoder_layers": 1}),
@@ -72,6 +71,56 @@ def test_narrow_maelm_decoder_and_remat_counts():
   assert flops.dot_flops(traced.jaxpr) == pytest.approx(flops.breakdown(config, include_remat=True).matmul,
                                                          rel=1e-9)
   assert flops.breakdown(config).matmul < flops.breakdown(config, include_remat=True).matmul
+
+
+def _packed(config, max_examples):
+  config.data = config_lib.data_config("smiles", "unused")
+  config.data.packing, config.data.max_examples_per_block = True, max_examples
+  return config
+
+
+def test_packed_mlm_static_count_matches_traced_matmuls():
+  """With packing the step's static shapes grow by the per-example bound (M_max + E - 1 masked slots)."""
+  config = _packed(_cheap_config("mlm"), 5)
+  counted = flops.breakdown(config)
+  assert dict(counted.shapes)["masked_max"] == 5 + 4
+  assert flops.dot_flops(_traced(_setup(config)).jaxpr) == pytest.approx(counted.matmul, rel=1e-9)
+
+
+def _with_seq_len(config, length):
+  config = config.copy_and_resolve_references()
+  config.seq_len = length
+  return config
+
+
+def _mlm_by_hand(length, m):
+  """Training FLOPs of one MLM example alone in a block of `length` slots (the formulas written out)."""
+  d, f, v, layers = m.d_model, m.mlp_dim, m.vocab_size, m.num_layers
+  encoder = 3 * layers * (length * (8 * d * d + 4 * d * f) + 4 * length**2 * d)
+  return encoder + 3 * math.ceil(0.15 * length) * (2 * d * d + 2 * d * v)
+
+
+@pytest.mark.parametrize("objective,block", [("mlm", {}), ("maelm", {}), ("exlm", {"num_copies": 4}),
+                                             ("repeated_mlm", {"num_copies": 2})])
+def test_real_flops_are_the_formulas_at_the_actual_lengths(objective, block):
+  config = _packed(_config(objective, **block), 4)
+  one_per_block = _config(objective, **block)
+  batch, n = config.batch_size, config.seq_len
+  # Full one-example blocks: real work is the static count of unpacked blocks.
+  assert flops.real_train_flops_per_step(config, batch * n, batch) == pytest.approx(
+      flops.train_flops_per_step(one_per_block), rel=1e-12)
+  # 24 examples of mean length 37.25 in the 8 blocks: 3/4 of the formulas at 37, 1/4 at 38, per example.
+  at = lambda length: flops.train_flops_per_step(_with_seq_len(one_per_block, length)) / batch
+  expected = 24 * (0.75 * at(37) + 0.25 * at(38))
+  assert flops.real_train_flops_per_step(config, 24 * 37.25, 24) == pytest.approx(expected, rel=1e-12)
+  assert flops.real_train_flops_per_step(config, 24 * 37.25, 24) < flops.train_flops_per_step(config)
+  assert flops.real_breakdown(config, 0, 0).total == 0.0
+
+
+def test_real_mlm_flops_by_hand():
+  config = _packed(_config("mlm"), 4)
+  assert flops.real_train_flops_per_step(config, 30 * 37, 30) == pytest.approx(30 * _mlm_by_hand(37, config.model),
+                                                                               rel=1e-12)
 
 
 def test_component_formulas():

@@ -2,14 +2,21 @@
 
 encoder / masking / mlm: the same examples packed vs one per block (same masks) agree to 1e-5;
 pipeline: the greedy pack of real MOSES (and text documents) keeps every record once, in order, with its
-own <s> ... </s> and positions, fills >= 85 % of 128 slots, is cached by its options and resumes exactly.
+own <s> ... </s> and positions, fills >= 85 % of 128 slots, is cached by its options and resumes exactly;
+trainer: a packed step on a (2,4) mesh equals one device, real tokens are counted on device, and a killed
+packed run via main.py resumes to the losses of an uninterrupted one.
 """
 
 import dataclasses
 import gzip
+import importlib.util
 import itertools
+import json
 import logging
 import os
+import subprocess
+import sys
+import time
 
 import flax.linen as nn
 import jax
@@ -23,8 +30,9 @@ from exlm_jax.data import pipeline
 from exlm_jax.data import vocab
 from exlm_jax.models import encoder as enc
 from exlm_jax.objectives import base, get, mlm
-from exlm_jax.objectives import masking
+from exlm_jax.objectives import masking, segments
 from exlm_jax.objectives.segments import default_segments, split_batch
+from exlm_jax.train import partitioning, steps
 
 
 # ----------------------------------------------------------------------------------------------
@@ -466,3 +474,169 @@ def test_pipeline_config_errors(tmp_path):
     with pytest.raises(ValueError, match=match):
       pipeline.load_pretraining_data(cfg, str(tmp_path / "wd"))
   assert not (tmp_path / "tfds").exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# Trainer: packed batches through TrainSetup on a mesh, real-token counts, kill and resume via main.py
+# ----------------------------------------------------------------------------------------------
+
+# Eight rows of 32 slots holding 1..4 examples (17 in all), lengths 4..30.
+TRAIN_LENGTHS = [9, 12, 7, 15, 16, 30, 4, 5, 6, 14, 10, 10, 20, 11, 8, 8, 8]
+TRAIN_ROWS = [0, 0, 0, 1, 1, 2, 3, 3, 3, 4, 4, 5, 5, 6, 7, 7, 7]
+
+
+def _packed_setup(mesh, dropout=0.1):
+  cfg = config_lib.pretrain_config("mlm", "tiny", seq_len=N, batch_size=8)
+  cfg.model.vocab_size = 40
+  cfg.model.dropout_rate = cfg.model.attention_dropout_rate = dropout
+  cfg.data = config_lib.data_config("smiles", "unused")
+  cfg.data.packing, cfg.data.max_examples_per_block = True, 4
+  devices = jax.devices()[:int(np.prod(list(mesh.values())))]
+  return steps.TrainSetup.create(cfg, partitioning.create_mesh(mesh, devices))
+
+
+def test_trainer_mesh_packed_step_equals_one_device():
+  batch, _ = _packed(_examples(TRAIN_LENGTHS), TRAIN_ROWS, N)
+  one, many = _packed_setup(dict(data=1, fsdp=1, tensor=1)), _packed_setup(dict(data=2, fsdp=4, tensor=1))
+  assert jax.tree.structure(one.model.example_batch) == jax.tree.structure(batch)
+  state1, state8 = one.init_state(), many.init_state()
+  loss1, grads1 = one.loss_and_grads(state1.params, batch, 3)
+  loss8, grads8 = many.loss_and_grads(state8.params, batch, 3)
+  np.testing.assert_allclose(loss1, loss8, atol=1e-5)
+  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(grads1), jax.tree.leaves(grads8)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, err_msg=jax.tree_util.keystr(path))
+  for _ in range(2):
+    state1, m1 = one.train_step(state1, batch)
+    state8, m8 = many.train_step(state8, batch)
+    np.testing.assert_allclose(m1["loss"], m8["loss"], atol=1e-5)
+  for a, b in zip(jax.tree.leaves(state1.params), jax.tree.leaves(state8.params)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
+  # Real-token counts of the step (on device, sharded rows) against a numpy count of the batch.
+  assert int(m8["real_tokens"]) == int(m1["real_tokens"]) == np.count_nonzero(batch["segment_ids"]) == sum(TRAIN_LENGTHS)
+  assert int(m8["examples"]) == len(TRAIN_LENGTHS)
+
+
+def test_trainer_step_sees_the_segments_of_a_packed_batch():
+  """The trainer's loss on a packed dict is the objective's loss on that dict (segments, positions and all),
+  and differs from the same tokens without their segments."""
+  setup = _packed_setup(dict(data=1, fsdp=1, tensor=1), dropout=0.0)
+  batch, _ = _packed(_examples(TRAIN_LENGTHS), TRAIN_ROWS, N)
+  params = setup.init_state().params
+  loss, _ = setup.loss_and_grads(params, batch, 7)
+  rng, dropout = steps.split_rngs(jax.random.fold_in(jax.random.PRNGKey(setup.config.seed), 7))
+  model = mlm.make_model(setup.config, False)
+  assert model.max_examples == 4  # base.max_examples: data.max_examples_per_block with packing
+  loss_sum, weight, _ = model.apply({"params": params}, {k: jnp.asarray(v) for k, v in batch.items()}, rng,
+                                    rngs={"dropout": dropout})
+  np.testing.assert_allclose(loss, loss_sum / weight, rtol=1e-6)
+  unsegmented = model.apply({"params": params}, {"tokens": jnp.asarray(batch["tokens"])}, rng,
+                            rngs={"dropout": dropout})
+  assert abs(float(unsegmented[0] / unsegmented[1]) - float(loss)) > 1e-4
+  # Packing off: the bare token array, exactly today's path.
+  bare = dict(tokens=batch["tokens"], segment_ids=batch["segment_ids"], positions=batch["positions"])
+  assert steps.pipeline_batch(bare, False) is batch["tokens"] and steps.pipeline_batch(bare, True) is bare
+
+
+def test_real_counts_of_bare_and_packed_batches():
+  batch, _ = _packed(_examples(TRAIN_LENGTHS), TRAIN_ROWS, N)
+  tokens = _alone(_examples(LENGTHS), N)
+  tokens = np.concatenate([tokens, np.full((1, N), vocab.PAD, np.int32)])  # an all-padding row
+  packed = jax.device_get(segments.real_counts({k: jnp.asarray(v) for k, v in batch.items()}))
+  bare = jax.device_get(segments.real_counts(jnp.asarray(tokens)))
+  assert packed == {"real_tokens": np.sum(batch["tokens"] != vocab.PAD), "examples": len(TRAIN_LENGTHS)}
+  assert bare == {"real_tokens": sum(LENGTHS), "examples": len(LENGTHS)}
+
+
+def test_max_examples_rule():
+  cfg = config_lib.pretrain_config("mlm", "tiny")
+  assert base.max_examples_per_block(cfg) == 1  # no data block
+  cfg.data = config_lib.data_config("smiles", "x")
+  cfg.data.packing, cfg.data.max_examples_per_block = False, 7
+  assert base.max_examples_per_block(cfg) == 1
+  cfg.data.packing = True
+  assert base.max_examples_per_block(cfg) == 7
+  cfg.data.max_examples_per_block = -1
+  with pytest.raises(ValueError, match="max_examples_per_block=-1 with data.packing on"):
+    base.max_examples_per_block(cfg)
+
+
+PACKED_RUN_CONFIG = """
+from exlm_jax import config_lib
+
+def get_config(arg=None):
+  config = config_lib.pretrain_config("mlm", "tiny")
+  config.data = config_lib.data_config("smiles", "$DATA/smiles/moses/test.csv.gz", max_examples=1200,
+                                       eval_fraction=0.05)
+  config.data.packing, config.data.max_examples_per_block = True, -1
+  config.seq_len, config.batch_size = 128, 8
+  config.total_steps, config.warmup_steps, config.log_every, config.eval_every = 6, 2, 1, 6
+  config.checkpoint_every, config.eval_batches, config.async_checkpointing = 2, 1, False
+  return config
+"""
+WORKER = os.path.join(os.path.dirname(__file__), "multiprocess_worker.py")
+
+
+def _start_run(config_path, workdir, log_path, delay=0.0):
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu",
+             EXLM_TFDS_DIR=str(config_path.parent / "tfds"), EXLM_TEST_STEP_DELAY=str(delay))
+  log = open(log_path, "w")
+  return subprocess.Popen([sys.executable, WORKER, "--config", str(config_path), "--workdir", str(workdir)],
+                          stdout=log, stderr=subprocess.STDOUT, env=env, cwd=os.path.dirname(WORKER) + "/..")
+
+
+def _logged_losses(workdir):
+  path = workdir / "test_losses.jsonl"
+  rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+  return {r["step"]: r["loss"] for r in rows}
+
+
+def _finish(proc, log_path, timeout=600):
+  try:
+    assert proc.wait(timeout=timeout) == 0, open(log_path).read()[-3000:]
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+
+
+def test_resume_of_a_killed_packed_run_is_identical(tmp_path, shared_data):
+  del shared_data
+  config_path = tmp_path / "packed_run.py"
+  config_path.write_text(PACKED_RUN_CONFIG)
+  straight, killed = tmp_path / "straight", tmp_path / "killed"
+  _finish(_start_run(config_path, straight, tmp_path / "straight.log"), tmp_path / "straight.log")
+  baseline = _logged_losses(straight)
+  assert sorted(baseline) == list(range(1, 7))
+
+  proc = _start_run(config_path, killed, tmp_path / "killed.log", delay=0.5)
+  try:
+    deadline = time.time() + 600
+    while not ((killed / "checkpoints" / "2").is_dir() and max(_logged_losses(killed), default=0) >= 3):
+      assert proc.poll() is None and time.time() < deadline, open(tmp_path / "killed.log").read()[-3000:]
+      time.sleep(0.1)
+  finally:
+    proc.kill()  # SIGKILL mid-run: no clean save
+    proc.wait()
+  assert max(_logged_losses(killed)) < 6
+  _finish(_start_run(config_path, killed, tmp_path / "resumed.log"), tmp_path / "resumed.log")
+  assert "resumed from step" in open(tmp_path / "resumed.log").read()
+  resumed = _logged_losses(killed)
+  for step in range(1, 7):
+    np.testing.assert_allclose(resumed[step], baseline[step], atol=1e-6, err_msg=f"step {step}")
+
+  # final_metrics.json reports real-token throughput; the last window (step 6) holds the 6th batch.
+  final = json.loads((killed / "final_metrics.json").read_text())
+  perf = final["perf"]
+  spec = importlib.util.spec_from_file_location("packed_run", config_path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config()
+  config.data.tfds_dir = str(tmp_path / "tfds")
+  data = pipeline.load_pretraining_data(config, str(killed))
+  sixth = pipeline.first_batches(data.train_iterator(0, 1), 6)[-1]
+  assert perf["real_tokens_per_step"] == np.count_nonzero(sixth["segment_ids"])
+  assert perf["examples_per_step"] == sixth["segment_ids"].max(axis=1).sum()
+  assert perf["slot_utilisation"] == pytest.approx(np.mean(sixth["segment_ids"] > 0))
+  assert perf["real_tokens_per_s"] == pytest.approx(perf["tokens_per_s"] * perf["slot_utilisation"])
+  assert perf["slot_utilisation"] > 0.8
+  written = json.loads((killed / "config.json").read_text())
+  assert written["data"]["max_examples_per_block"] == data.max_examples_per_block > 1

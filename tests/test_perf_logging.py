@@ -7,11 +7,13 @@ import os
 
 import jax
 import ml_collections
+import numpy as np
 import pytest
 
 from exlm_jax import config_lib
 from exlm_jax.train import flops
 from exlm_jax.train import loop
+from exlm_jax.train import reporting
 
 def _tiny_config():
   config = config_lib.load("configs/quickstart.py:objective=mlm")
@@ -38,9 +40,15 @@ def test_trainer_logs_tflops_mfu_and_writes_profile(tmp_path, monkeypatch, capsy
   perf = final["perf"]
   expected = flops.train_flops_per_step(config) / perf["step_time_s"] / jax.device_count() / 1e12
   assert perf["tflops_per_device"] == pytest.approx(expected, rel=1e-9)
-  assert perf["mfu"] == pytest.approx(perf["tflops_per_device"] * 1e12 / 2e12, rel=1e-9)
+  # MFU is on the real work: the same formulas at the window's real tokens and examples (unpacked here).
+  real = flops.real_train_flops_per_step(config, perf["real_tokens_per_step"], perf["examples_per_step"])
+  assert perf["real_flops_per_step"] == real < perf["flops_per_step"] == flops.train_flops_per_step(config)
+  assert perf["mfu"] == pytest.approx(real / perf["step_time_s"] / jax.device_count() / 2e12, rel=1e-9)
+  assert perf["real_tokens_per_s"] == pytest.approx(perf["tokens_per_s"] * perf["slot_utilisation"], rel=1e-9)
+  assert 0 < perf["slot_utilisation"] < 1 and perf["examples_per_step"] == config.batch_size
   out = capsys.readouterr().out
   assert "TFLOP/s/device" in out and "MFU" in out and "profile of steps 2-3 written" in out
+  assert "real, " in out and "% of slots" in out
   assert os.path.isdir(workdir / "tensorboard")
 
 
@@ -58,3 +66,32 @@ def test_profile_window_validation():
   config.profile_num_steps = 0
   with pytest.raises(ValueError, match="profile_num_steps"):
     loop.validate_config(config, num_devices=1)
+
+
+class _Recorder:
+  def __init__(self):
+    self.written = []
+
+  def scalars(self, step, values, prefix=""):
+    self.written.append((step, prefix, dict(values)))
+
+
+def test_log_window_sums_real_counts_and_averages_the_rest():
+  recorder = _Recorder()
+  progress = reporting.Progress(total_steps=4, tokens_per_step=100, start_step=0)
+  window = reporting.LogWindow(2, progress, recorder, summed=reporting.REAL_COUNTS)
+  steps = [dict(loss=np.float32(2.0), real_tokens=np.int32(60), examples=np.int32(3)),
+           dict(loss=np.float32(4.0), real_tokens=np.int32(80), examples=np.int32(5))]
+  assert not window.add(1, steps[0])
+  assert window.add(2, steps[1])
+  assert window.last == {"loss": 3.0}  # counts are throughput, not averaged metrics
+  perf = window.perf
+  assert perf["real_tokens_per_step"] == 70 and perf["examples_per_step"] == 4
+  assert perf["slot_utilisation"] == pytest.approx(0.7)
+  assert perf["real_tokens_per_s"] == pytest.approx(70 / perf["step_time_s"])
+  assert perf["tokens_per_s"] == pytest.approx(100 / perf["step_time_s"])
+  assert recorder.written[-1][1] == "train/" and "real_tokens_per_s" in recorder.written[-1][2]
+  # Without counts (e.g. fine-tuning) the window reports slot throughput only.
+  plain = reporting.LogWindow(1, reporting.Progress(1, 100, 0), _Recorder())
+  plain.add(1, dict(loss=np.float32(1.0), real_tokens=np.int32(5)))
+  assert "real_tokens_per_s" not in plain.perf and plain.last["real_tokens"] == 5

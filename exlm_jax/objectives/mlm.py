@@ -118,7 +118,8 @@ def masked_log_probs():
 
 
 def train_flops(config: ml_collections.ConfigDict, include_remat: bool) -> flops.Breakdown:
-  """One sequence: the encoder on n slots, the LM head at the M_max masked positions."""
+  """One sequence: the encoder on n slots, the LM head at the M_max masked positions (of a block holding up to
+  `base.max_examples_per_block(config)` examples)."""
   m, n = config.model, config.seq_len
   m_max = max_masked(config.mask_prob, n, base.max_examples_per_block(config))
   return flops.Breakdown(

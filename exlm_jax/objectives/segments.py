@@ -36,3 +36,16 @@ def split_batch(batch: Any) -> tuple[jax.Array, jax.Array | None, jax.Array | No
   if (segment_ids is None) != (positions is None):
     raise ValueError(f"a batch needs both 'segment_ids' and 'positions' or neither; got keys {sorted(batch)}")
   return batch["tokens"], segment_ids, positions
+
+
+def real_counts(batch: Any) -> dict[str, jax.Array]:
+  """{'real_tokens', 'examples'}: int32 scalars, the real (non-padding) slots and the examples of a batch.
+
+  Packed: slots with segment_ids > 0 and, per row, its highest segment id (segments are 1..E in order);
+  a bare token array: slots != <pad> and rows holding any. What throughput counts as real work.
+  """
+  tokens, segment_ids, _ = split_batch(batch)
+  if segment_ids is None:
+    segment_ids = (tokens != vocab.PAD).astype(jnp.int32)
+  return {"real_tokens": jnp.sum(segment_ids > 0, dtype=jnp.int32),
+          "examples": jnp.sum(jnp.max(segment_ids, axis=-1), dtype=jnp.int32)}

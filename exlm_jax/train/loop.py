@@ -90,10 +90,11 @@ def with_vocab_size(config, vocab_size: int) -> ml_collections.ConfigDict:
 
 
 def evaluate(setup: steps.TrainSetup, params, batches) -> dict:
-  """Objective metrics over a finite list of eval batches (deterministic masks)."""
+  """Objective metrics over a finite list of pipeline eval batches (deterministic masks)."""
   totals = None
+  packing = steps.packed(setup.config)
   for index, batch in enumerate(batches):
-    out = setup.eval_step(params, batch["tokens"], index)
+    out = setup.eval_step(params, steps.pipeline_batch(batch, packing), index)
     totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
   if totals is None:
     return {}
@@ -203,7 +204,12 @@ class ProfileWindow:
 def perf_reporter(config):
   """(perf dict with step_time_s) -> (extra metrics, text for the progress line): model TFLOP/s per device
   from the analytic FLOPs of `config.objective` (train/flops.py) and MFU against the device's peak
-  (omitted where the peak is unknown, e.g. CPU, or the objective has no FLOPs model)."""
+  (omitted where the peak is unknown, e.g. CPU, or the objective has no FLOPs model).
+
+  With the window's real counts (`real_tokens_per_step`, `examples_per_step` from `reporting.Progress`)
+  also flops_per_step (static shapes, padding included), real_flops_per_step (the same formulas at the
+  batch's actual lengths, `flops.real_breakdown`) and real_tflops_per_device; MFU is then on real FLOPs.
+  """
   if not flops.has_model(config.objective):
     return lambda perf: ({}, "")
   flops_per_step = flops.train_flops_per_step(config)
@@ -211,8 +217,14 @@ def perf_reporter(config):
   num_devices = jax.device_count()
 
   def report(perf: dict) -> tuple[dict, str]:
-    extra = flops.perf_metrics(flops_per_step, perf["step_time_s"], num_devices, peak)
+    real = None
+    if "real_tokens_per_step" in perf and "examples_per_step" in perf:
+      real = flops.real_train_flops_per_step(config, perf["real_tokens_per_step"], perf["examples_per_step"])
+    extra = flops.perf_metrics(flops_per_step, perf["step_time_s"], num_devices, peak, real)
     text = f"{extra['tflops_per_device']:.3g} TFLOP/s/device"
+    if real is not None:
+      extra.update(flops_per_step=flops_per_step, real_flops_per_step=real)
+      text += f" ({extra['real_tflops_per_device']:.3g} real)"
     if "mfu" in extra:
       text += f" | MFU {100 * extra['mfu']:.1f}%"
     return extra, text
@@ -237,7 +249,10 @@ def prepare(config, workdir: str):
     from exlm_jax.export import from_hf  # pylint: disable=g-import-not-at-top  (the .[hf] extra's side)
     config, override = from_hf.start_pretraining(config, workdir)
   data = pipeline.load_pretraining_data(config, workdir)
-  config = flops.resolve_budget(with_vocab_size(config, data.tokenizer.vocab_size))
+  config = with_vocab_size(config, data.tokenizer.vocab_size)
+  if data.packing:  # the bound the pipeline resolved (-1 = auto) sets the objectives' static shapes
+    config.data.max_examples_per_block = data.max_examples_per_block
+  config = flops.resolve_budget(config)
   validate_vocabulary(config)
   if config.budget != "steps":
     note(f"budget {config.budget}: total_steps={config.total_steps}, the training FLOPs of "
@@ -298,7 +313,8 @@ def _train(config, workdir: str, memory_limit) -> dict:
 
   writer = reporting.Writer(os.path.join(workdir, "tensorboard"))
   progress = reporting.Progress(config.total_steps, config.batch_size * config.seq_len, start_step)
-  log = reporting.LogWindow(config.log_every, progress, writer, derived=_perplexity, perf_report=perf_reporter(config))
+  log = reporting.LogWindow(config.log_every, progress, writer, derived=_perplexity, perf_report=perf_reporter(config),
+                            summed=reporting.REAL_COUNTS)
   profile = ProfileWindow(os.path.join(workdir, "profile"), config.get("profile_start_step", -1),
                           config.get("profile_num_steps", 3))
   guard = divergence.DivergenceGuard()
@@ -311,7 +327,7 @@ def _train(config, workdir: str, memory_limit) -> dict:
   with (distributed.PreemptionWatcher(sync_every=config.log_every) as stop, checkpoint.finishing(manager),
         profile):
     while step < config.total_steps:
-      batch = setup.shard_batch(next(train_iter)["tokens"])
+      batch = setup.shard_batch(steps.pipeline_batch(next(train_iter), data.packing))
       profile.before(step)
       with jax.profiler.StepTraceAnnotation("train", step_num=step + 1):
         state, metrics = compiled(state, batch)

@@ -132,8 +132,17 @@ class Writer:
       self._writer.close()
 
 
+# Train-step counts a log window sums (`LossModel.batch_counts`; pretraining: `segments.real_counts`).
+REAL_COUNTS = ("real_tokens", "examples")
+
+
 class Progress:
-  """Throughput and ETA over the steps since the last report (compile time excluded)."""
+  """Throughput and ETA over the steps since the last report (compile time excluded).
+
+  tokens_per_s counts slots (batch x seq_len per step, padding included); given the window's summed
+  `real_tokens` (and `examples`) counts, also real_tokens_per_s, slot_utilisation (real / all slots),
+  real_tokens_per_step and examples_per_step.
+  """
 
   def __init__(self, total_steps: int, tokens_per_step: int, start_step: int):
     self.total_steps = total_steps
@@ -145,17 +154,29 @@ class Progress:
     """Call after a pause (compile, eval, checkpoint) so it does not count as training time."""
     self._last_step, self._last_time = step, time.perf_counter()
 
-  def report(self, step: int, metrics: dict) -> tuple[str, dict]:
+  def report(self, step: int, metrics: dict, counts: dict | None = None, window_steps: int = 1) -> tuple[str, dict]:
+    """(progress line, perf); `counts`: REAL_COUNTS summed over the `window_steps` steps of the window.
+
+    Real tokens per step are the window's mean, so a clock restarted inside the window (eval,
+    checkpoint) changes only the step time, not what a step holds.
+    """
     now = time.perf_counter()
     steps = max(step - self._last_step, 1)
     seconds = max(now - self._last_time, 1e-9)
     self._last_step, self._last_time = step, now
     step_time = seconds / steps
     perf = {"tokens_per_s": self.tokens_per_step / step_time, "step_time_s": step_time}
+    throughput = f"{perf['tokens_per_s']:,.0f} tok/s"
+    if counts and "real_tokens" in counts:
+      real = counts["real_tokens"] / max(window_steps, 1)
+      perf.update(real_tokens_per_s=real / step_time, slot_utilisation=real / self.tokens_per_step,
+                  real_tokens_per_step=real)
+      if "examples" in counts:
+        perf["examples_per_step"] = counts["examples"] / max(window_steps, 1)
+      throughput += f" ({perf['real_tokens_per_s']:,.0f} real, {100 * perf['slot_utilisation']:.0f}% of slots)"
     eta = format_duration(step_time * (self.total_steps - step))
     shown = " | ".join(f"{k} {metrics[k]:.4g}" for k in _SHOWN if k in metrics)
-    line = (f"step {step}/{self.total_steps} | {shown} | {perf['tokens_per_s']:,.0f} tok/s | "
-            f"{step_time * 1e3:.0f} ms/step | ETA {eta}")
+    line = f"step {step}/{self.total_steps} | {shown} | {throughput} | {step_time * 1e3:.0f} ms/step | ETA {eta}"
     return line, perf
 
 
@@ -166,7 +187,8 @@ class LogWindow:
   """The train metrics of the steps since the last report, synced to the host once per report.
 
   `add(step, metrics)` keeps a step's device metrics; every `every` steps and at `total_steps` it fetches
-  them (the only host sync of a training loop), averages each over the window, adds `derived(means)`,
+  them (the only host sync of a training loop), averages each over the window (the `summed` counts, e.g.
+  REAL_COUNTS, are summed instead and go to `Progress.report` as throughput), adds `derived(means)`,
   raises FloatingPointError on a non-finite loss, prints the progress line (prefixed by `context`, with
   `perf_report`'s text) and writes the means and throughput as `train/` TensorBoard scalars. `last` and
   `perf` hold the latest report; `evaluated` reports an evaluation.
@@ -174,9 +196,10 @@ class LogWindow:
 
   def __init__(self, every: int, progress: Progress, writer: Writer,
                derived: Callable[[dict], dict] = lambda means: {},
-               perf_report: Callable[[dict], tuple[dict, str]] = lambda perf: ({}, "")):
+               perf_report: Callable[[dict], tuple[dict, str]] = lambda perf: ({}, ""),
+               summed: tuple[str, ...] = ()):
     self.every, self.progress, self.writer = every, progress, writer
-    self.derived, self.perf_report = derived, perf_report
+    self.derived, self.perf_report, self.summed = derived, perf_report, summed
     self.last, self.perf = {}, {}
     self._window = []
 
@@ -186,12 +209,13 @@ class LogWindow:
     if step % self.every and step != self.progress.total_steps:
       return False
     host, self._window = jax.device_get(self._window), []
-    means = {k: float(np.mean([m[k] for m in host])) for k in host[0]}
+    counts = {k: int(np.sum([m[k] for m in host], dtype=np.int64)) for k in self.summed if k in host[0]}
+    means = {k: float(np.mean([m[k] for m in host])) for k in host[0] if k not in counts}
     means.update(self.derived(means))
     if not np.isfinite(means["loss"]):
       raise FloatingPointError(f"{context + ': ' if context else ''}loss became {means['loss']} at step {step}; "
                                "lower the learning rate or set grad_clip_norm")
-    line, perf = self.progress.report(step, means)
+    line, perf = self.progress.report(step, means, counts, len(host))
     extra, text = self.perf_report(perf)
     perf.update(extra)
     note(" | ".join(part for part in (context, line, text) if part))

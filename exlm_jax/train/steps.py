@@ -9,8 +9,11 @@ logical axis names, and jits:
   * `eval_step(params, batch, index)` -> (loss_sum, weight, metric sums);
   * `predict(params, batch)` -> the module's `predict(batch)` outputs (evaluation by host-side metrics);
   * `loss_and_grads(params, batch, step)` for tests and tools.
-A batch is a pytree of (B, ...) arrays with the structure of the model's example batch: the (B, n) token
-array for the pretraining objectives, {tokens, labels, mask} for fine-tuning.
+A batch is a pytree of (B, ...) arrays with the structure of the model's example batch: for the pretraining
+objectives the (B, n) token array, or with `data.packing` the packed-block dict {tokens, segment_ids,
+positions} (objectives/segments.py); {tokens, labels, mask} for fine-tuning.
+Metrics of `train_step`: the loss module's means, loss, grad_norm, learning_rate, weight, and the loss
+model's `batch_counts` (pretraining: real tokens and examples of the global batch, counted on device).
 Randomness: the step key is `fold_in(PRNGKey(seed), step)` (`seed` defaults to `config.seed`), split by
 `LossModel.rngs` (pretraining: into masking and dropout keys), so a resumed run sees exactly the masks of
 an uninterrupted one.
@@ -33,7 +36,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from exlm_jax import objectives
-from exlm_jax.objectives import base
+from exlm_jax.objectives import base, segments
 from exlm_jax.train import optim, partitioning
 
 _EVAL_SALT = 0x5EED
@@ -83,19 +86,40 @@ class LossModel:
   rngs: a (micro-)batch key -> (the `rng` argument, the dropout key).
   init_override: (fresh params, override, init rng) -> the initial params when `init_state` is given an
     override; default: the override's sub-trees replace the fresh ones.
+  batch_counts: batch -> {name: int32 scalar} added to the train step's metrics, counts a log window
+    sums rather than averages (pretraining: `segments.real_counts`); None = none.
   """
 
   make: Callable[[bool], nn.Module]
   example_batch: Any
   rngs: Callable[[jax.Array], tuple[jax.Array, jax.Array]] = split_rngs
   init_override: Callable[[Any, Any, jax.Array], Any] = replace_subtrees
+  batch_counts: Callable[[Any], dict] | None = None
 
 
 def objective_loss(config) -> LossModel:
-  """The pretraining objective `config.objective` over (B, seq_len) token blocks."""
+  """The pretraining objective `config.objective` over (B, seq_len) token blocks: the bare token array, or
+  the packed-block dict with `config.data.packing` (what `pipeline_batch` makes of the pipeline's batches)."""
   objective = objectives.get(config.objective)
-  return LossModel(lambda deterministic: objective.make_model(config, deterministic),
-                   base.dummy_tokens(1, config.seq_len))
+  tokens = base.dummy_tokens(1, config.seq_len)
+  if packed(config):
+    segment_ids, positions = segments.default_segments(tokens)
+    example = {"tokens": tokens, "segment_ids": segment_ids, "positions": positions}
+  else:
+    example = tokens
+  return LossModel(lambda deterministic: objective.make_model(config, deterministic), example,
+                   batch_counts=segments.real_counts)
+
+
+def packed(config) -> bool:
+  """Whether a pretraining config's batches are packed-block dicts (`config.data.packing`)."""
+  return bool((config.get("data", None) or {}).get("packing", False))
+
+
+def pipeline_batch(batch: Mapping[str, Any], packing: bool):
+  """A pretraining pipeline batch as the objectives take it: the whole dict when packed, else its bare
+  (B, n) token array (the unpacked path stays the one-example-per-block computation)."""
+  return batch if packing else batch["tokens"]
 
 
 def batch_leaf_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
@@ -240,6 +264,7 @@ class TrainSetup:
     out = {name: s / jnp.maximum(c, 1e-9) for name, (s, c) in metrics.items()}
     out.update(loss=loss, grad_norm=grad_norm, learning_rate=self.schedule(state.step), weight=weight,
                finite=finite.astype(jnp.float32))
+    out.update(self.model.batch_counts(batch) if self.model.batch_counts else {})
     step = state.step + finite.astype(state.step.dtype)
     return TrainState(step=step, params=params, opt_state=opt_state), out
 
