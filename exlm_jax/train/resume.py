@@ -36,7 +36,8 @@ RESUMABLE = (
     "mesh.*", "sharding", "sharding_tolerance", "logical_axis_rules", "grad_accum_steps", "model.remat",
     "model.attention_impl", "model.dtype", "data.prefetch_batches", "data.tfds_dir",
 )
-_DERIVED = ("model.vocab_size",)  # filled from the tokenizer: compared once the new config has it (> 0)
+_DERIVED = ("model.vocab_size", "data.max_examples_per_block")  # filled by the data (vocabulary; -1 = the
+# packing bound a greedy pass finds): compared once the new config has the value (> 0)
 _ABSENT = "<absent>"
 _SHOWN_KEYS = 6
 
