@@ -34,7 +34,8 @@ from exlm_jax.models import flops
 from exlm_jax.models.encoder import Encoder, ModelConfig, _dense, bert_init
 from exlm_jax.models.heads import LMHead
 from exlm_jax.objectives import base, dag
-from exlm_jax.objectives.masking import max_masked, select_masked_positions
+from exlm_jax.objectives.masking import MaskSelection, max_masked, select_masked_positions
+from exlm_jax.objectives.segments import split_batch
 
 Array = jax.Array
 
@@ -64,56 +65,133 @@ def options(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 # ----------------------------------------------------------------------------------------------
 
 
-def max_groups(mask_prob: float, seq_len: int) -> int:
-  """G_max: expanded groups (= targets) per block: M_max masked slots + <s> + final </s>."""
-  return min(max_masked(mask_prob, seq_len) + 2, seq_len)
+def max_groups(mask_prob: float, seq_len: int, max_examples: int = 1) -> int:
+  """G_max: expanded groups (= targets) of one block of `seq_len` slots holding <= max_examples examples:
+  its M_max masked slots (masking.max_masked) + every example's <s> and final </s>; at most seq_len."""
+  return min(max_masked(mask_prob, seq_len, max_examples) + 2 * max_examples, seq_len)
 
 
-def max_expanded_length(mask_prob: float, seq_len: int, num_copies: int) -> int:
-  """L_max = n + (k - 1) G_max, the static length of the expanded sequence."""
-  return seq_len + (num_copies - 1) * max_groups(mask_prob, seq_len)
+def max_expanded_length(mask_prob: float, seq_len: int, num_copies: int, max_examples: int = 1) -> int:
+  """L_max = n + (k - 1) G_max, the static length of a block's expanded sequence.
+
+  With max_examples = 1 it also bounds one example's own expanded length inside a packed block (an
+  example has at most n slots and max_groups(p, n) groups): the size of the link head's slot table.
+  """
+  return seq_len + (num_copies - 1) * max_groups(mask_prob, seq_len, max_examples)
+
+
+def max_vertices(mask_prob: float, seq_len: int, num_copies: int, max_examples: int = 1) -> int:
+  """S_max = k G_max: expanded states of one block, where the LM head runs.
+
+  Each example's own DAG is one row of max_vertices(mask_prob, seq_len, num_copies) vertices (the
+  one-example bound); a block holding <= max_examples examples has max_examples such rows.
+  """
+  return num_copies * max_groups(mask_prob, seq_len, max_examples)
+
+
+class ExampleRows(NamedTuple):
+  """Each example's own DAG as one row: row r = b X + j holds example j + 1 of block b (R = B X rows,
+  X = max_examples; X = 1: row b is block b). Indices point into the block's groups / vertices, so
+  per-example arrays are gathers of block-level ones; G1 = S1 / k is the one-example group bound."""
+
+  block: Array  # (R,) int32 block row of the example
+  groups: Array  # (R, G1) int32 index of the example's i-th target in its block's groups; 0 when invalid
+  vertices: Array  # (R, S1) int32 index of its u-th vertex in its block's vertices; 0 when invalid
+  target_valid: Array  # (R, G1) bool
+  vertex_valid: Array  # (R, S1) bool
+  num_targets: Array  # (R,) int32 E = m + 2 (0 for an empty row)
+  num_vertices: Array  # (R,) int32 k E
+  num_tokens: Array  # (R,) int32 the example's slots (<s> ... </s>)
+  length: Array  # (R,) int32 its expanded length: num_tokens + (k - 1) E
 
 
 class Expansion(NamedTuple):
-  """Index arrays of one expanded batch: L = n + (k - 1) G slots, a DAG of S = k G vertices."""
+  """Index arrays of one expanded batch: L = n + (k - 1) G slots, S = k G vertices per block."""
 
   tokens: Array  # (B, L) int32 encoder input: [MASK] at masked groups, <pad> in the tail
-  positions: Array  # (B, L) int32 orig(p), the first rotary coordinate
+  positions: Array  # (B, L) int32 orig(p), the first rotary coordinate (per example in packed blocks)
   copy_index: Array  # (B, L) int32 1..k inside expanded groups, 0 elsewhere
   is_ext: Array  # (B, L) bool, slot belongs to an expanded group
   padding_mask: Array  # (B, L) bool, True at <pad>
   length: Array  # (B,) int32 real expanded length: real tokens + (k - 1) E
   vertex_slot: Array  # (B, S) int32 slot of vertex g k + c (copy c of group g); 0 when invalid
   vertex_valid: Array  # (B, S) bool
-  targets: Array  # (B, G) int32 original token of group g: [<s>, masked tokens, </s>]; <pad> after
+  targets: Array  # (B, G) int32 original token of group g: [<s>, masked tokens, </s>] per example; <pad> after
   target_valid: Array  # (B, G) bool
-  num_targets: Array  # (B,) int32 E = m + 2 (0 for an all-<pad> row)
+  num_targets: Array  # (B,) int32 E = m + 2 (0 for an all-<pad> row); the sum over a packed block's examples
   num_vertices: Array  # (B,) int32 k E
+  segment_ids: Array  # (B, L) int32 example of each expanded slot (1..X), 0 at <pad>
+  link_slot: Array  # (B, S) int32 vertex slot inside its own example's expanded sequence (link-table row)
+  examples: ExampleRows  # each example's own DAG
+  num_examples: Array  # (B,) int32 examples in the block (its largest segment id)
+  num_dropped: Array  # (B,) int32 of those, examples not expanded: past max_examples or the group bounds
 
 
-def expanded_slots(tokens: Array, is_masked: Array) -> Array:
-  """(B, n) bool: slots expanded into k copies -- slot 0 (<s>), masked slots, the last real slot."""
+def segment_edges(segment_ids: Array) -> tuple[Array, Array]:
+  """(first, last) (B, n) bool: each example's first and last slot (segment 0 = padding has none)."""
+  before = jnp.pad(segment_ids[:, :-1], ((0, 0), (1, 0)))
+  after = jnp.pad(segment_ids[:, 1:], ((0, 0), (0, 1)))
+  real = segment_ids > 0
+  return real & (segment_ids != before), real & (segment_ids != after)
+
+
+def expanded_slots(tokens: Array, is_masked: Array, segment_ids: Array | None = None) -> Array:
+  """(B, n) bool: slots expanded into k copies -- every example's first slot (<s>), its masked slots and
+  its last slot (</s>). segment_ids None: one example per block, slot 0 and the last real slot."""
+  if segment_ids is not None:
+    first, last = segment_edges(segment_ids)
+    return (segment_ids > 0) & (is_masked | first | last)
   real = tokens != vocab.PAD
   last = jnp.sum(real, axis=-1) - 1
   slot = jnp.arange(tokens.shape[1])
   return real & (is_masked | (slot == 0)[None, :] | (slot[None, :] == last[:, None]))
 
 
-def expand(tokens: Array, is_masked: Array, num_copies: int, num_groups_max: int) -> Expansion:
-  """Builds the expanded sequence and its DAG from token blocks (B, n) and the mask (B, n).
+def scored_examples(tokens: Array, is_masked: Array, segment_ids: Array, max_examples: int, num_groups_max: int,
+                    example_groups_max: int) -> tuple[Array, Array]:
+  """(kept (B, X) bool, groups (B, X) int32): the examples 1..X of packed blocks that fit the bounds -- at most
+  example_groups_max groups each and num_groups_max in the block, in order -- and their group counts (0 if not kept)."""
+  example = jnp.where(segment_ids <= max_examples, segment_ids, 0)
+  member = example[..., None] == jnp.arange(1, max_examples + 1)  # (B, n, X)
+  groups = jnp.sum(member & expanded_slots(tokens, is_masked, example)[..., None], axis=1, dtype=jnp.int32)
+  kept = (groups <= example_groups_max) & (jnp.cumsum(groups, axis=1) <= num_groups_max)
+  return kept, jnp.where(kept, groups, 0)
+
+
+def expand(tokens: Array, is_masked: Array, num_copies: int, num_groups_max: int, segment_ids: Array | None = None,
+           positions: Array | None = None, max_examples: int = 1, example_groups_max: int | None = None) -> Expansion:
+  """Builds the expanded sequence and its DAGs from token blocks (B, n) and the mask (B, n).
 
   Widths w_i = 1 + (k - 1) e_i, offsets s_i = sum_{j<i} w_j; slot p belongs to the i with
   s_i <= p < s_i + w_i and is copy p - s_i + 1 of it if e_i. Gathers only, no scatter.
+
+  Packed blocks (objectives/segments.py): segment_ids / positions (B, n), padding only after the last
+  example; None = one example per block. Every example expands its own <s>, masked slots and </s>;
+  expanded slots keep their example's segment id and per-example position. `examples` lays each
+  example's groups out as its own row of example_groups_max groups (G1; when max_examples = 1 the row
+  is the block, G1 = num_groups_max). An example past `max_examples`, with more than G1 groups, or whose
+  groups would pass the block's num_groups_max stays in the sequence unexpanded (its own segment, no
+  targets) and is counted in `num_dropped`: the static shapes hold and nothing is lost silently.
   """
   batch, seq_len = tokens.shape
-  k = num_copies
+  k, num_x = num_copies, max_examples
+  g1 = num_groups_max if num_x == 1 or example_groups_max is None else example_groups_max
   length_max = seq_len + (k - 1) * num_groups_max
-  ext = expanded_slots(tokens, is_masked)
+  packed = segment_ids is not None
+  if packed:
+    real = segment_ids > 0
+    kept, groups = scored_examples(tokens, is_masked, segment_ids, num_x, num_groups_max, g1)
+    in_kept = jnp.take_along_axis(kept, jnp.clip(segment_ids - 1, 0, num_x - 1), axis=1) & (segment_ids <= num_x)
+    ext = expanded_slots(tokens, is_masked, jnp.where(in_kept, segment_ids, 0))
+    num_examples = jnp.max(segment_ids, axis=-1).astype(jnp.int32)
+  else:
+    real = tokens != vocab.PAD
+    ext = expanded_slots(tokens, is_masked)
   width = 1 + (k - 1) * ext.astype(jnp.int32)
   ends = jnp.cumsum(width, axis=-1)
   starts = ends - width
   num_groups = jnp.sum(ext, axis=-1, dtype=jnp.int32)
-  length = jnp.sum(tokens != vocab.PAD, axis=-1, dtype=jnp.int32) + (k - 1) * num_groups
+  length = jnp.sum(real, axis=-1, dtype=jnp.int32) + (k - 1) * num_groups
 
   slot = jnp.arange(length_max, dtype=jnp.int32)
   orig = jax.vmap(lambda e: jnp.searchsorted(e, slot, side="right"))(ends)  # #{i : ends_i <= p}
@@ -131,9 +209,26 @@ def expand(tokens: Array, is_masked: Array, num_copies: int, num_groups_max: int
   group_start = jnp.take_along_axis(starts, group_slot, axis=1)
   vertex_slot = (group_start[:, :, None] + jnp.arange(k)).reshape(batch, k * num_groups_max)
   vertex_valid = jnp.repeat(target_valid, k, axis=1)
+  if packed:
+    # The expanded slot where each slot's example starts (starts grow along the row: a running max).
+    example_start = jax.lax.cummax(jnp.where(segment_edges(segment_ids)[0], starts, 0), axis=1)
+    link_slot = vertex_slot - jnp.repeat(jnp.take_along_axis(example_start, group_slot, axis=1), k, axis=1)
+    member = segment_ids[..., None] == jnp.arange(1, num_x + 1)  # (B, n, X)
+    examples = example_rows(groups, jnp.sum(member, axis=1, dtype=jnp.int32) * kept, k, g1)
+    num_dropped = num_examples - jnp.sum(groups > 0, axis=1, dtype=jnp.int32)
+  else:  # one example per block: its row is the block
+    link_slot = vertex_slot
+    examples = ExampleRows(
+        block=jnp.arange(batch, dtype=jnp.int32),
+        groups=jnp.where(target_valid, jnp.arange(num_groups_max, dtype=jnp.int32), 0),
+        vertices=jnp.where(vertex_valid, jnp.arange(k * num_groups_max, dtype=jnp.int32), 0),
+        target_valid=target_valid, vertex_valid=vertex_valid, num_targets=num_groups, num_vertices=k * num_groups,
+        num_tokens=jnp.sum(real, axis=-1, dtype=jnp.int32), length=length)
+    num_examples = jnp.any(real, axis=-1).astype(jnp.int32)
+    num_dropped = jnp.zeros_like(num_examples)
   return Expansion(
       tokens=jnp.where(pad, vocab.PAD, at_orig(inputs)),
-      positions=jnp.where(pad, 0, orig),
+      positions=jnp.where(pad, 0, orig if positions is None else at_orig(positions)),
       copy_index=copy_index.astype(jnp.int32),
       is_ext=is_ext,
       padding_mask=pad,
@@ -144,7 +239,36 @@ def expand(tokens: Array, is_masked: Array, num_copies: int, num_groups_max: int
       target_valid=target_valid,
       num_targets=num_groups,
       num_vertices=k * num_groups,
+      segment_ids=jnp.where(pad, 0, at_orig(segment_ids if packed else real.astype(jnp.int32))).astype(jnp.int32),
+      link_slot=jnp.where(vertex_valid, link_slot, 0).astype(jnp.int32),
+      examples=examples,
+      num_examples=num_examples,
+      num_dropped=num_dropped,
   )
+
+
+def example_rows(groups: Array, num_tokens: Array, num_copies: int, example_groups_max: int) -> ExampleRows:
+  """Each example's own row from its groups (B, X) and slots (B, X): its targets are the consecutive block
+  groups from its offset sum_{j<e} groups_j on, its vertices their k copies."""
+  batch, num_x = groups.shape
+  k, g1, num_rows = num_copies, example_groups_max, batch * num_x
+  target_valid = (jnp.arange(g1)[None, None, :] < groups[..., None]).reshape(num_rows, g1)
+  offset = (jnp.cumsum(groups, axis=1) - groups).reshape(num_rows, 1)
+  row_groups = jnp.where(target_valid, offset + jnp.arange(g1), 0)
+  vertex_valid = jnp.repeat(target_valid, k, axis=1)
+  vertices = (row_groups[..., None] * k + jnp.arange(k)).reshape(num_rows, k * g1)
+  num_targets, num_tokens = groups.reshape(num_rows), num_tokens.reshape(num_rows)
+  return ExampleRows(
+      block=jnp.repeat(jnp.arange(batch, dtype=jnp.int32), num_x),
+      groups=row_groups.astype(jnp.int32),
+      vertices=jnp.where(vertex_valid, vertices, 0).astype(jnp.int32),
+      target_valid=target_valid, vertex_valid=vertex_valid, num_targets=num_targets, num_vertices=k * num_targets,
+      num_tokens=num_tokens, length=num_tokens + (k - 1) * num_targets)
+
+
+def gather_rows(block_array: Array, rows: ExampleRows, index: Array) -> Array:
+  """Per-example rows of a block-level array: (B, A, ...) at (rows.block, index (R, A')) -> (R, A', ...)."""
+  return block_array[rows.block[:, None], index]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -234,16 +358,27 @@ def group_ctc_log_likelihood(target_logp: Array, blank_logp: Array) -> Array:
 
 
 class ExLMOutputs(NamedTuple):
+  """R = B X rows, one per example (objectives: ExampleRows); R = B for one example per block."""
+
   expansion: Expansion
   hidden: Array  # (B, L, D) encoder output on the expanded sequence
-  logits: Array  # (B, S, V) float32 LM logits at the DAG vertices only
-  emit_logp: Array  # (B, G, S) log P_u(y_i)
-  trans_logp: Array | None  # (B, S, S) log E_uv ("dag"); None for "ctc"
-  per_example_loss: Array  # (B,) -log-likelihood / E; 0 for empty or infeasible rows
+  logits: Array  # (B, S, V) float32 LM logits at the block's DAG vertices only
+  emit_logp: Array  # (R, G1, S1) log P_u(y_i) of each example's own DAG
+  trans_logp: Array | None  # (R, S1, S1) log E_uv ("dag"); None for "ctc"
+  per_example_loss: Array  # (R,) -log-likelihood / E; 0 for empty or infeasible rows
 
 
 class ExLMModel(nn.Module):
-  """Encoder + tied LM head + link head; `__call__(tokens (B, n), mask_rng) -> (loss_sum, weight, metrics)`."""
+  """Encoder + tied LM head + link head; `__call__(batch, mask_rng) -> (loss_sum, weight, metrics)`.
+
+  batch: token blocks (B, n), one example per block (exactly the original computation), or a packed
+  batch dict {'tokens', 'segment_ids', 'positions'} (objectives/segments.py) of <= max_examples
+  examples per block (data.max_examples_per_block). `__call__` = `select_masks` + `loss_given_masks`.
+  Packed, each example is expanded, attended and scored as if it were alone: the encoder attends inside
+  its segment at its own positions, and it is its own DAG row whose link-table slots restart at 0 at its
+  first <s> copy -- so the link table is sized by the one-example expanded length and a packed batch gives
+  the loss, weight, metrics and gradients of the same examples one per block (tests/test_packing_exlm.py).
+  """
 
   cfg: ModelConfig
   mask_prob: float
@@ -253,6 +388,7 @@ class ExLMModel(nn.Module):
   max_transition_length: int = -1
   max_link_positions: int = -1
   deterministic: bool = True
+  max_examples: int = 1
 
   def setup(self):
     self.encoder = Encoder(self.cfg, self.deterministic, name="encoder")
@@ -260,38 +396,55 @@ class ExLMModel(nn.Module):
     if self.transitions == "dag":
       self.transition_head = TransitionHead(self.cfg, self.max_link_positions, name="transition_head")
 
-  def expanded_logits(self, tokens: Array, is_masked: Array, num_groups: int):
-    """Expansion of (B, n) blocks into `num_groups` padded groups of k copies, the encoder's (B, L', D)
-    states, the (B, S, D) states at the S = k * num_groups vertices and their (B, S, V) vocabulary logits."""
-    ex = expand(tokens, is_masked, self.num_copies, num_groups)
+  def examples_per_block(self, segment_ids: Array | None) -> int:
+    """X: 1 for a bare token array (one example per block), else max_examples."""
+    return 1 if segment_ids is None else self.max_examples
+
+  def expanded_logits(self, tokens, is_masked: Array, num_groups: int):
+    """Expansion of (B, n) blocks (or a packed batch dict) into `num_groups` padded groups of k copies per
+    block, the encoder's (B, L', D) states, the (B, S, D) states at the S = k * num_groups vertices and
+    their (B, S, V) vocabulary logits. Packed: examples' rows of max_groups(mask_prob, n) groups each."""
+    tokens, segment_ids, positions = split_batch(tokens)
+    num_x = self.examples_per_block(segment_ids)
+    example_groups = num_groups if num_x == 1 else max_groups(self.mask_prob, tokens.shape[1])
+    ex = expand(tokens, is_masked, self.num_copies, num_groups, segment_ids, positions, num_x, example_groups)
     copy_index = ex.copy_index if self.positions == "rope2d" else jnp.zeros_like(ex.copy_index)
-    hidden = self.encoder(ex.tokens, ex.positions, copy_index, ex.padding_mask)
+    hidden = self.encoder(ex.tokens, ex.positions, copy_index, ex.padding_mask,
+                          segment_ids=None if segment_ids is None else ex.segment_ids)
     states = jnp.take_along_axis(hidden, ex.vertex_slot[..., None], axis=1)
     return ex, hidden, states, self.lm_head(states, self.encoder.embedding)
 
-  def forward(self, tokens: Array, is_masked: Array) -> ExLMOutputs:
-    """Everything for one fixed mask: tokens (B, n) original blocks, is_masked (B, n)."""
-    seq_len = tokens.shape[1]
-    length_max = max_expanded_length(self.mask_prob, seq_len, self.num_copies)
+  def forward(self, tokens, is_masked: Array) -> ExLMOutputs:
+    """Everything for one fixed mask: tokens (B, n) original blocks or a packed batch dict, is_masked (B, n)."""
+    block_tokens, segment_ids, _ = split_batch(tokens)
+    seq_len = block_tokens.shape[1]
+    num_x = self.examples_per_block(segment_ids)
+    length_max = max_expanded_length(self.mask_prob, seq_len, self.num_copies)  # one example's, the link table's
     if self.transitions == "dag" and self.max_link_positions < length_max:
       raise ValueError(f"exlm.max_link_positions={self.max_link_positions} < expanded length {length_max}")
-    ex, hidden, states, logits = self.expanded_logits(tokens, is_masked, max_groups(self.mask_prob, seq_len))
-    emit_logp = target_emissions(logits, ex.targets)
+    ex, hidden, states, logits = self.expanded_logits(tokens, is_masked, max_groups(self.mask_prob, seq_len, num_x))
+    rows = ex.examples
+    # One example per block: its row is the block (no gathers, the original computation).
+    per_example = (lambda a, index: a) if num_x == 1 else (lambda a, index: gather_rows(a, rows, index))
+    emit_logp = target_emissions(logits, ex.targets)  # (B, G, S)
+    if num_x > 1:
+      emit_logp = jnp.take_along_axis(gather_rows(emit_logp, rows, rows.groups), rows.vertices[:, None, :], axis=2)
     # Empty rows get a 1-target, 1-vertex problem so everything stays finite; weighted 0 below.
-    num_targets = jnp.maximum(ex.num_targets, 1)
+    num_targets = jnp.maximum(rows.num_targets, 1)
     if self.transitions == "dag":
-      allowed = allowed_transitions(ex.vertex_valid, self.max_transition_length)
-      trans_logp = self.transition_head(states, ex.vertex_slot, allowed)
-      num_vertices = jnp.where(ex.num_targets > 0, ex.num_vertices, 1)
+      allowed = allowed_transitions(rows.vertex_valid, self.max_transition_length)
+      link_slot = jnp.where(rows.vertex_valid, per_example(ex.link_slot, rows.vertices), 0)
+      trans_logp = self.transition_head(per_example(states, rows.vertices), link_slot, allowed)
+      num_vertices = jnp.where(rows.num_targets > 0, rows.num_vertices, 1)
       loss = dag.dag_loss(emit_logp, trans_logp, num_targets, num_vertices)
     else:
       trans_logp = None
-      loss = self._ctc_loss(logits, ex, num_targets)
-    loss = jnp.where(ex.num_targets > 0, loss, 0.0)
+      loss = self._ctc_loss(logits, ex, num_targets, per_example)
+    loss = jnp.where(rows.num_targets > 0, loss, 0.0)
     return ExLMOutputs(ex, hidden, logits, emit_logp, trans_logp, loss)
 
-  def _ctc_loss(self, logits: Array, ex: Expansion, num_targets: Array) -> Array:
-    """Per-example -sum_g log CTC(y_g | group g) / E (docs/design.md §4.5)."""
+  def _ctc_loss(self, logits: Array, ex: Expansion, num_targets: Array, per_example) -> Array:
+    """Per-example -sum_g log CTC(y_g | group g) / E (docs/design.md §4.5); groups scored at block level."""
     batch, num_vertices, _ = logits.shape
     k = self.num_copies
     lse = jax.nn.logsumexp(logits, axis=-1)
@@ -299,20 +452,20 @@ class ExLMModel(nn.Module):
     target_logp = jnp.take_along_axis(logits, vertex_targets[..., None], axis=-1)[..., 0] - lse
     blank_logp = logits[..., CTC_BLANK] - lse
     grouped = lambda x: x.reshape(batch, num_vertices // k, k)
-    group_ll = group_ctc_log_likelihood(grouped(target_logp), grouped(blank_logp))
-    return -jnp.sum(jnp.where(ex.target_valid, group_ll, 0.0), axis=-1) / num_targets
+    group_ll = per_example(group_ctc_log_likelihood(grouped(target_logp), grouped(blank_logp)), ex.examples.groups)
+    return -jnp.sum(jnp.where(ex.examples.target_valid, group_ll, 0.0), axis=-1) / num_targets
 
-  def best_alignment(self, tokens: Array, is_masked: Array):
-    """Viterbi alignment ("dag" only): (outputs, score (B,), path (B, S)); path[b, u] = index of the
-    target vertex u emits, -1 if skipped (objectives/dag.py `dag_best_path`)."""
+  def best_alignment(self, tokens, is_masked: Array):
+    """Viterbi alignment ("dag" only): (outputs, score (R,), path (R, S1)) per example row; path[r, u] = index
+    of the target vertex u emits, -1 if skipped (objectives/dag.py `dag_best_path`)."""
     if self.transitions != "dag":
       raise ValueError(f"best_alignment needs exlm.transitions='dag', not {self.transitions!r}")
     out = self.forward(tokens, is_masked)
-    ex = out.expansion
-    num_vertices = jnp.where(ex.num_targets > 0, ex.num_vertices, 1)
-    score, path = dag.dag_best_path(out.emit_logp, out.trans_logp, jnp.maximum(ex.num_targets, 1), num_vertices)
-    path = jnp.where(ex.vertex_valid, path, -1)
-    return out, jnp.where(ex.num_targets > 0, score, -jnp.inf), path
+    rows = out.expansion.examples
+    num_vertices = jnp.where(rows.num_targets > 0, rows.num_vertices, 1)
+    score, path = dag.dag_best_path(out.emit_logp, out.trans_logp, jnp.maximum(rows.num_targets, 1), num_vertices)
+    path = jnp.where(rows.vertex_valid, path, -1)
+    return out, jnp.where(rows.num_targets > 0, score, -jnp.inf), path
 
   def alignment(self, tokens: Array, is_masked: Array) -> base.Alignment:
     """The analyses' view of one fixed mask ("dag" only): Viterbi path and posteriors gamma_i(u) (the
@@ -340,19 +493,32 @@ class ExLMModel(nn.Module):
         posteriors=jax.grad(total_ll)(out.emit_logp), score=score, num_targets=ex.num_targets,
         num_states=ex.num_vertices)
 
-  def __call__(self, tokens: Array, mask_rng: Array):
-    selection = select_masked_positions(tokens, mask_rng, self.mask_prob)
-    out = self.forward(tokens, selection.is_masked)
+  def __call__(self, batch, mask_rng: Array):
+    return self.loss_given_masks(batch, self.select_masks(batch, mask_rng))
+
+  def select_masks(self, batch, rng: Array) -> MaskSelection:
+    """The positions to expand as [MASK] groups, per example (masking.py)."""
+    tokens, segment_ids, _ = split_batch(batch)
+    return select_masked_positions(tokens, rng, self.mask_prob, segment_ids, self.examples_per_block(segment_ids))
+
+  def loss_given_masks(self, batch, selection: MaskSelection):
+    """(loss_sum, weight = examples scored, metrics) for a given selection. Packed batches also report
+    overflow_examples: the fraction of examples not scored because a block held more than the bounds."""
+    out = self.forward(batch, selection.is_masked)
     ex = out.expansion
-    rows = (ex.num_targets > 0).astype(jnp.float32)
-    num_rows = jnp.sum(rows)
+    rows = ex.examples
+    scored = (rows.num_targets > 0).astype(jnp.float32)
+    num_rows = jnp.sum(scored)
     loss_sum = jnp.sum(out.per_example_loss)
     metrics = {
         "loss": (loss_sum, num_rows),
-        "num_targets": (jnp.sum(ex.num_targets.astype(jnp.float32)), num_rows),
-        "expanded_length": (jnp.sum(ex.length.astype(jnp.float32) * rows), num_rows),
-        "length": (jnp.sum((tokens != vocab.PAD).astype(jnp.float32)), num_rows),
+        "num_targets": (jnp.sum(rows.num_targets.astype(jnp.float32)), num_rows),
+        "expanded_length": (jnp.sum(rows.length.astype(jnp.float32) * scored), num_rows),
+        "length": (jnp.sum(rows.num_tokens.astype(jnp.float32)), num_rows),
     }
+    if split_batch(batch)[1] is not None:
+      metrics["overflow_examples"] = (jnp.sum(ex.num_dropped.astype(jnp.float32)),
+                                      jnp.sum(ex.num_examples.astype(jnp.float32)))
     return loss_sum, num_rows, metrics
 
 
@@ -386,6 +552,22 @@ def validate(config: ml_collections.ConfigDict) -> None:
                      f"{length_max} (seq_len={config.seq_len}, k={k}); use -1 to size it automatically")
 
 
+def examples_per_block(config: ml_collections.ConfigDict) -> int:
+  """The most examples one block holds: config.data.max_examples_per_block with data.packing on, else 1.
+
+  With packing the value must be resolved (>= 1): the pipeline's PretrainingData.max_examples_per_block,
+  written back into the config before the model is built, since it sets the model's static shapes.
+  """
+  data = config.get("data") or {}
+  if not data.get("packing", False):
+    return 1
+  value = data.get("max_examples_per_block", -1)
+  if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    raise ValueError(f"config.data.max_examples_per_block={value!r} with data.packing on: the ExLM model needs the "
+                     "resolved bound >= 1 (PretrainingData.max_examples_per_block) before it is built")
+  return value
+
+
 def make_model(config: ml_collections.ConfigDict, deterministic: bool) -> ExLMModel:
   validate(config)
   opts = options(config)
@@ -401,6 +583,7 @@ def make_model(config: ml_collections.ConfigDict, deterministic: bool) -> ExLMMo
       max_transition_length=opts.max_transition_length,
       max_link_positions=link_positions,
       deterministic=deterministic,
+      max_examples=examples_per_block(config),
   )
 
 
