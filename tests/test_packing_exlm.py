@@ -13,6 +13,7 @@ import itertools
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
@@ -29,7 +30,7 @@ def _config(max_examples, seq_len=N, vocab_size=V, num_copies=K, mask_prob=P, **
   """A 1-layer tiny ExLM; packing on with `max_examples` per block (None = packing off)."""
   config = config_lib.pretrain_config("exlm", "tiny", seq_len=seq_len, mask_prob=mask_prob)
   config.model.update(vocab_size=vocab_size, num_layers=1, dropout_rate=0.0, attention_dropout_rate=0.0)
-  config.exlm = exlm.default_config(num_copies=num_copies, **knobs)
+  config.exlm = ml_collections.ConfigDict(dict(num_copies=num_copies, **knobs))
   if max_examples is not None:
     config.data.packing = True
     config.data.max_examples_per_block = max_examples

@@ -552,22 +552,6 @@ def validate(config: ml_collections.ConfigDict) -> None:
                      f"{length_max} (seq_len={config.seq_len}, k={k}); use -1 to size it automatically")
 
 
-def examples_per_block(config: ml_collections.ConfigDict) -> int:
-  """The most examples one block holds: config.data.max_examples_per_block with data.packing on, else 1.
-
-  With packing the value must be resolved (>= 1): the pipeline's PretrainingData.max_examples_per_block,
-  written back into the config before the model is built, since it sets the model's static shapes.
-  """
-  data = config.get("data") or {}
-  if not data.get("packing", False):
-    return 1
-  value = data.get("max_examples_per_block", -1)
-  if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-    raise ValueError(f"config.data.max_examples_per_block={value!r} with data.packing on: the ExLM model needs the "
-                     "resolved bound >= 1 (PretrainingData.max_examples_per_block) before it is built")
-  return value
-
-
 def make_model(config: ml_collections.ConfigDict, deterministic: bool) -> ExLMModel:
   validate(config)
   opts = options(config)
@@ -583,7 +567,7 @@ def make_model(config: ml_collections.ConfigDict, deterministic: bool) -> ExLMMo
       max_transition_length=opts.max_transition_length,
       max_link_positions=link_positions,
       deterministic=deterministic,
-      max_examples=examples_per_block(config),
+      max_examples=base.max_examples_per_block(config),
   )
 
 

@@ -1,12 +1,10 @@
 """Prediction without a trainer: logits for every window, and `answer(question, context)` for one question.
 
-Both are pure functions of (params, model config, inputs): they run SquadModel.logits under a plain
-`jax.jit` on the default device, batches padded to a fixed size so one compilation serves all.
+Both are pure functions of (params, model config, inputs) that run SquadModel.logits; batches are padded to a
+fixed size, so a caller that jits them (the fine-tuning trainer, the API) compiles once.
 """
 
 from __future__ import annotations
-
-import functools
 
 import jax
 import numpy as np
@@ -18,7 +16,6 @@ from exlm_jax.finetune.squad.reader import SquadExample
 from exlm_jax.models.encoder import ModelConfig
 
 
-@functools.partial(jax.jit, static_argnums=0)
 def _logits(model_cfg: ModelConfig, params, tokens):
   return SquadModel(model_cfg).apply({"params": params}, tokens, method=SquadModel.logits)
 
