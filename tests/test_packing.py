@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 
 from exlm_jax import config_lib
-from exlm_jax.data import builders
+from exlm_jax.data import blocks, builders
 from exlm_jax.data import pipeline
 from exlm_jax.data import vocab
 from exlm_jax.models import encoder as enc
@@ -405,7 +405,7 @@ def test_pipeline_pack_cache_keyed_by_options(moses, monkeypatch):
   assert short.train_blocks.rows(np.array([0]))["tokens"].shape == (1, 64)
   assert listed() - before == {pipeline.pack_key(128, 2, "truncate"), pipeline.pack_key(64, -1, "truncate")}
   # A second load reads the saved tables: the greedy pass does not run again.
-  monkeypatch.setattr(pipeline, "greedy_pack", lambda *a: pytest.fail("pack table was not reused"))
+  monkeypatch.setattr(blocks, "greedy_pack", lambda *a: pytest.fail("pack table was not reused"))
   again = pipeline.load_pretraining_data(cfg, str(tmp / "wd"))
   assert again.summary == data.summary
 
