@@ -287,9 +287,13 @@ def example_rows(groups: Array, num_tokens: Array, num_copies: int, example_grou
       num_tokens=num_tokens, length=num_tokens + (k - 1) * num_targets)
 
 
-def gather_rows(block_array: Array, rows: ExampleRows, index: Array) -> Array:
-  """Per-example rows of a block-level array: (B, A, ...) at (rows.block, index (R, A')) -> (R, A', ...)."""
-  return block_array[rows.block[:, None], index]
+def gather_rows(block_array: Array, index: Array) -> Array:
+  """Per-example rows of a block-level array: (B, A, ...) at index (B X, A') -> (B X, A', ...), row r reading
+  block r // X only (a gather inside each block, so a batch-sharded array stays local to its devices)."""
+  batch, num_rows, width = block_array.shape[0], index.shape[0], index.shape[1]
+  flat = index.reshape((batch, num_rows // batch * width) + (1,) * (block_array.ndim - 2))
+  picked = jnp.take_along_axis(block_array, flat, axis=1)
+  return picked.reshape((num_rows, width) + block_array.shape[2:])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -379,7 +383,7 @@ def group_ctc_log_likelihood(target_logp: Array, blank_logp: Array) -> Array:
 
 
 class ExLMOutputs(NamedTuple):
-  """R = B X rows, one per example (objectives: ExampleRows); R = B for one example per block."""
+  """R = B X rows, one per example (Expansion.examples); R = B for one example per block."""
 
   expansion: Expansion
   hidden: Array  # (B, L, D) encoder output on the expanded sequence
@@ -446,10 +450,10 @@ class ExLMModel(nn.Module):
     ex, hidden, states, logits = self.expanded_logits(tokens, is_masked, max_groups(self.mask_prob, seq_len, num_x))
     rows = ex.examples
     # One example per block: its row is the block (no gathers, the original computation).
-    per_example = (lambda a, index: a) if num_x == 1 else (lambda a, index: gather_rows(a, rows, index))
+    per_example = (lambda a, index: a) if num_x == 1 else gather_rows
     emit_logp = target_emissions(logits, ex.targets)  # (B, G, S)
     if num_x > 1:
-      emit_logp = jnp.take_along_axis(gather_rows(emit_logp, rows, rows.groups), rows.vertices[:, None, :], axis=2)
+      emit_logp = jnp.take_along_axis(gather_rows(emit_logp, rows.groups), rows.vertices[:, None, :], axis=2)
     # Empty rows get a 1-target, 1-vertex problem so everything stays finite; weighted 0 below.
     num_targets = jnp.maximum(rows.num_targets, 1)
     if self.transitions == "dag":
