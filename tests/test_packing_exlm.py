@@ -180,8 +180,8 @@ def test_exlm_one_example_per_block_is_the_bare_token_path():
 
 def test_exlm_packed_loss_with_the_batch_sharded_equals_one_device():
   # Each example row gathers from its own block only, so blocks split over 8 devices give the same step.
-  lengths, rows_of = [9, 12, 7, 15, 16, 30, 5, 20, 11, 6, 25, 4, 13, 10, 8, 14], [0, 0, 0, 1, 1, 2, 3, 3, 4, 4, 5, 5, 6,
-                                                                                 6, 7, 7]
+  lengths = [9, 12, 7, 15, 16, 30, 5, 20, 11, 6, 25, 4, 13, 10, 8, 14]
+  rows_of = [0, 0, 0, 1, 1, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7]
   config = _config(3)
   model = exlm.make_model(config, True)
   params = _params(config)
@@ -234,7 +234,8 @@ def test_exlm_packed_expansion_matches_numpy_reference():
   groups, block_groups = exlm.max_groups(0.4, N), exlm.max_groups(0.4, N, 3)
   ex = jax.device_get(jax.jit(lambda b, m: exlm.expand(b["tokens"], m, K, block_groups, b["segment_ids"],
                                                        b["positions"], 3, groups))(packed, sel.is_masked))
-  assert ex.tokens.shape == (3, exlm.max_expanded_length(0.4, N, K, 3)) and ex.examples.vertices.shape == (9, K * groups)
+  assert ex.tokens.shape == (3, exlm.max_expanded_length(0.4, N, K, 3))
+  assert ex.examples.vertices.shape == (9, K * groups)
   rows = ex.examples
   for b, (slots, targets) in enumerate(_expand_packed_reference(
       packed["tokens"], packed["segment_ids"], packed["positions"], np.asarray(sel.is_masked), K)):
@@ -249,7 +250,8 @@ def test_exlm_packed_expansion_matches_numpy_reference():
       np.testing.assert_array_equal(ex.targets[b][rows.groups[r, :len(expected)]], expected)
       # Its vertices are its expanded slots, in order, k per target.
       vertices = rows.vertices[r, :rows.num_vertices[r]]
-      np.testing.assert_array_equal(ex.vertex_slot[b][vertices], np.flatnonzero(ex.is_ext[b] & (ex.segment_ids[b] == e)))
+      own_slots = np.flatnonzero(ex.is_ext[b] & (ex.segment_ids[b] == e))
+      np.testing.assert_array_equal(ex.vertex_slot[b][vertices], own_slots)
       assert rows.length[r] == np.sum(ex.segment_ids[b] == e) and rows.block[r] == b
   assert (ex.num_examples.tolist(), ex.num_dropped.tolist()) == ([3, 2, 1], [0, 0, 0])
 
