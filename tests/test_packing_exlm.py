@@ -179,6 +179,32 @@ def test_exlm_one_example_per_block_is_the_bare_token_path():
     np.testing.assert_allclose(gd, gb, atol=1e-6, rtol=1e-6)
 
 
+def test_exlm_packed_loss_with_the_batch_sharded_equals_one_device():
+  # Each example row gathers from its own block only, so blocks split over 8 devices give the same step.
+  lengths = [9, 12, 7, 15, 16, 30, 5, 20, 11, 6, 25, 4, 13, 10, 8, 14]
+  rows_of = [0, 0, 0, 1, 1, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7]
+  config = _config(3)
+  model = exlm.make_model(config, True)
+  params = _params(config)
+  packed = {key: jnp.asarray(value) for key, value in _packed(_examples(lengths), rows_of, N)[0].items()}
+  key = jax.random.key(4)
+
+  def loss(p, batch):
+    loss_sum, weight, metrics = model.apply({"params": p}, batch, key)
+    return loss_sum, (weight, metrics)
+
+  step = jax.value_and_grad(loss, has_aux=True)
+  one = jax.device_get(jax.jit(step)(params, packed))
+  mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:8]), ("data",))
+  rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  sharded = jax.jit(step, in_shardings=(replicated, rows))(jax.device_put(params, replicated),
+                                                           jax.device_put(packed, rows))
+  assert float(one[0][1][0]) == len(lengths)
+  for a, b in zip(jax.tree.leaves(one), jax.tree.leaves(jax.device_get(sharded))):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
 # ----------------------------------------------------------------------------------------------
 # Expansion, bounds, overflow
 # ----------------------------------------------------------------------------------------------
@@ -209,7 +235,8 @@ def test_exlm_packed_expansion_matches_numpy_reference():
   groups, block_groups = exlm.max_groups(0.4, N), exlm.max_groups(0.4, N, 3)
   ex = jax.device_get(jax.jit(lambda b, m: exlm.expand(b["tokens"], m, K, block_groups, b["segment_ids"],
                                                        b["positions"], 3, groups))(packed, sel.is_masked))
-  assert ex.tokens.shape == (3, exlm.max_expanded_length(0.4, N, K, 3)) and ex.examples.vertices.shape == (9, K * groups)
+  assert ex.tokens.shape == (3, exlm.max_expanded_length(0.4, N, K, 3))
+  assert ex.examples.vertices.shape == (9, K * groups)
   rows = ex.examples
   for b, (slots, targets) in enumerate(_expand_packed_reference(
       packed["tokens"], packed["segment_ids"], packed["positions"], np.asarray(sel.is_masked), K)):
@@ -224,7 +251,8 @@ def test_exlm_packed_expansion_matches_numpy_reference():
       np.testing.assert_array_equal(ex.targets[b][rows.groups[r, :len(expected)]], expected)
       # Its vertices are its expanded slots, in order, k per target.
       vertices = rows.vertices[r, :rows.num_vertices[r]]
-      np.testing.assert_array_equal(ex.vertex_slot[b][vertices], np.flatnonzero(ex.is_ext[b] & (ex.segment_ids[b] == e)))
+      own_slots = np.flatnonzero(ex.is_ext[b] & (ex.segment_ids[b] == e))
+      np.testing.assert_array_equal(ex.vertex_slot[b][vertices], own_slots)
       assert rows.length[r] == np.sum(ex.segment_ids[b] == e) and rows.block[r] == b
   assert (ex.num_examples.tolist(), ex.num_dropped.tolist()) == ([3, 2, 1], [0, 0, 0])
 
@@ -246,19 +274,22 @@ def test_exlm_static_bounds():
   assert int(ex.length[0]) == exlm.max_expanded_length(0.3, 40, 2, 10) == 80
   # Random packs with worst-case draws stay within every bound, per block and per example.
   rng = np.random.RandomState(1)
-  for trial in range(20):
-    n, x, k, p = 48, 1 + trial % 5, 3, (0.15, 0.3, 0.5)[trial % 3]
-    lengths = rng.randint(3, n // x + 1, x).tolist()
-    packed, _ = _packed(_examples(lengths, seed=trial), [0] * x, n)
-    tokens, segment_ids = jnp.asarray(packed["tokens"]), jnp.asarray(packed["segment_ids"])
-    draws = masking.MaskDraws(jnp.full((1, x), 0.9999, jnp.float32), jax.random.uniform(jax.random.key(trial), (1, n)))
-    sel = masking.select_from_draws(tokens, draws, p, segment_ids)
-    ex = exlm.expand(tokens, sel.is_masked, k, exlm.max_groups(p, n, x), segment_ids, jnp.asarray(packed["positions"]),
-                     x, exlm.max_groups(p, n))
-    assert int(ex.num_dropped[0]) == 0 and int(ex.num_targets[0]) == int(sel.count[0]) + 2 * x
-    assert int(ex.length[0]) <= exlm.max_expanded_length(p, n, k, x)
-    assert int(ex.examples.num_targets.max()) <= exlm.max_groups(p, n)
-    assert int(ex.examples.length.max()) <= exlm.max_expanded_length(p, n, k)
+  n, k = 48, 3
+  for x, p in itertools.product((2, 3, 5), (0.15, 0.5)):
+    lengths = rng.randint(3, n // x + 1, 8 * x).tolist()
+    packed, _ = _packed(_examples(lengths, seed=x), np.repeat(np.arange(8), x).tolist(), n)
+    draws = masking.MaskDraws(jnp.full((8, x), 0.9999, jnp.float32), jax.random.uniform(jax.random.key(x), (8, n)))
+
+    def expanded(batch, draws, x=x, p=p):
+      sel = masking.select_from_draws(batch["tokens"], draws, p, batch["segment_ids"])
+      return sel, exlm.expand(batch["tokens"], sel.is_masked, k, exlm.max_groups(p, n, x), batch["segment_ids"],
+                              batch["positions"], x, exlm.max_groups(p, n))
+
+    sel, ex = jax.device_get(jax.jit(expanded)(packed, draws))
+    assert (ex.num_dropped == 0).all() and (ex.num_targets == sel.count + 2 * x).all()
+    assert ex.length.max() <= exlm.max_expanded_length(p, n, k, x)
+    assert ex.examples.num_targets.max() <= exlm.max_groups(p, n)
+    assert ex.examples.length.max() <= exlm.max_expanded_length(p, n, k)
 
 
 def test_exlm_overflow_is_counted():

@@ -16,6 +16,18 @@ Ablations (`config.exlm`): `num_copies` k; `transitions="ctc"` (w/o transitions:
 its own target by CTC over its k states, docs/design.md §4.5); `positions="rope1d_shared"` (w/o 2-D RoPE:
 copies share the original position, copy index 0 everywhere); `max_transition_length` (sparse DAG).
 Fine-tuning uses only the encoder, without expansion (copy index 0): `encoder_params`.
+
+Packed blocks (a batch dict with segment_ids / positions, objectives/segments.py; at most X =
+data.max_examples_per_block examples per block): masks are drawn per example; each example expands its
+own <s>, masked slots and final </s> at its own positions and keeps its segment id, so the encoder
+attends inside the example; the block is padded to L_max = n + (k - 1) G_max(X) with G_max(X) = M_max(X)
++ 2 X. Each example is its own DAG: row b X + j of a (B X, G1, S1) batch (G1 = G_max(1), S1 = k G1, the
+one-example bounds), gathered from the block's LM logits at its k G_max(X) expanded states, so no
+transition crosses examples. The link head's slot table is indexed by the slot inside the example's own
+expanded sequence (0 at its first <s> copy), as if it were alone: the table keeps the one-example size
+L_max(1) and a packed batch computes the loss, weight (= examples) and gradients of the same examples one
+per block. An example past the bounds stays unexpanded context, is not scored and is counted in the
+`overflow_examples` metric. Bare token arrays run the one-example-per-block computation unchanged.
 """
 
 from __future__ import annotations
@@ -148,14 +160,16 @@ def expanded_slots(tokens: Array, is_masked: Array, segment_ids: Array | None = 
 
 
 def scored_examples(tokens: Array, is_masked: Array, segment_ids: Array, max_examples: int, num_groups_max: int,
-                    example_groups_max: int) -> tuple[Array, Array]:
-  """(kept (B, X) bool, groups (B, X) int32): the examples 1..X of packed blocks that fit the bounds -- at most
-  example_groups_max groups each and num_groups_max in the block, in order -- and their group counts (0 if not kept)."""
+                    example_groups_max: int) -> tuple[Array, Array, Array]:
+  """The examples of packed blocks that are expanded and scored: 1..X, in order, while they fit the bounds
+  (at most example_groups_max groups each, num_groups_max in the block). Returns (scored (B, n) int32: the
+  slot's segment id if its example is scored, else 0; groups (B, X); slots (B, X)), 0 for unscored examples."""
   example = jnp.where(segment_ids <= max_examples, segment_ids, 0)
   member = example[..., None] == jnp.arange(1, max_examples + 1)  # (B, n, X)
   groups = jnp.sum(member & expanded_slots(tokens, is_masked, example)[..., None], axis=1, dtype=jnp.int32)
   kept = (groups <= example_groups_max) & (jnp.cumsum(groups, axis=1) <= num_groups_max)
-  return kept, jnp.where(kept, groups, 0)
+  scored = jnp.where(jnp.take_along_axis(kept, jnp.maximum(example, 1) - 1, axis=1), example, 0)
+  return scored, groups * kept, jnp.sum(member, axis=1, dtype=jnp.int32) * kept
 
 
 def expand(tokens: Array, is_masked: Array, num_copies: int, num_groups_max: int, segment_ids: Array | None = None,
@@ -166,23 +180,23 @@ def expand(tokens: Array, is_masked: Array, num_copies: int, num_groups_max: int
   s_i <= p < s_i + w_i and is copy p - s_i + 1 of it if e_i. Gathers only, no scatter.
 
   Packed blocks (objectives/segments.py): segment_ids / positions (B, n), padding only after the last
-  example; None = one example per block. Every example expands its own <s>, masked slots and </s>;
-  expanded slots keep their example's segment id and per-example position. `examples` lays each
-  example's groups out as its own row of example_groups_max groups (G1; when max_examples = 1 the row
-  is the block, G1 = num_groups_max). An example past `max_examples`, with more than G1 groups, or whose
-  groups would pass the block's num_groups_max stays in the sequence unexpanded (its own segment, no
-  targets) and is counted in `num_dropped`: the static shapes hold and nothing is lost silently.
+  example. Every example expands its own <s>, masked slots and </s>; expanded slots keep their example's
+  segment id and per-example position. `examples` lays each example's groups out as its own row of
+  example_groups_max groups (G1; num_groups_max when max_examples = 1). An example past `max_examples`,
+  with more than G1 groups, or whose groups would pass the block's num_groups_max stays in the sequence
+  unexpanded (its own segment, no targets) and is counted in `num_dropped`: the static shapes hold and
+  nothing is lost silently. segment_ids None: one example per block, the original index construction
+  (max_examples and example_groups_max unused; row b of `examples` is block b).
   """
   batch, seq_len = tokens.shape
   k, num_x = num_copies, max_examples
-  g1 = num_groups_max if num_x == 1 or example_groups_max is None else example_groups_max
+  g1 = num_groups_max if num_x == 1 or example_groups_max is None else example_groups_max  # unused when bare
   length_max = seq_len + (k - 1) * num_groups_max
   packed = segment_ids is not None
   if packed:
     real = segment_ids > 0
-    kept, groups = scored_examples(tokens, is_masked, segment_ids, num_x, num_groups_max, g1)
-    in_kept = jnp.take_along_axis(kept, jnp.clip(segment_ids - 1, 0, num_x - 1), axis=1) & (segment_ids <= num_x)
-    ext = expanded_slots(tokens, is_masked, jnp.where(in_kept, segment_ids, 0))
+    scored, groups, num_tokens = scored_examples(tokens, is_masked, segment_ids, num_x, num_groups_max, g1)
+    ext = expanded_slots(tokens, is_masked, scored)
     num_examples = jnp.max(segment_ids, axis=-1).astype(jnp.int32)
   else:
     real = tokens != vocab.PAD
@@ -213,8 +227,7 @@ def expand(tokens: Array, is_masked: Array, num_copies: int, num_groups_max: int
     # The expanded slot where each slot's example starts (starts grow along the row: a running max).
     example_start = jax.lax.cummax(jnp.where(segment_edges(segment_ids)[0], starts, 0), axis=1)
     link_slot = vertex_slot - jnp.repeat(jnp.take_along_axis(example_start, group_slot, axis=1), k, axis=1)
-    member = segment_ids[..., None] == jnp.arange(1, num_x + 1)  # (B, n, X)
-    examples = example_rows(groups, jnp.sum(member, axis=1, dtype=jnp.int32) * kept, k, g1)
+    examples = example_rows(groups, num_tokens, k, g1)
     num_dropped = num_examples - jnp.sum(groups > 0, axis=1, dtype=jnp.int32)
   else:  # one example per block: its row is the block
     link_slot = vertex_slot
@@ -266,9 +279,13 @@ def example_rows(groups: Array, num_tokens: Array, num_copies: int, example_grou
       num_tokens=num_tokens, length=num_tokens + (k - 1) * num_targets)
 
 
-def gather_rows(block_array: Array, rows: ExampleRows, index: Array) -> Array:
-  """Per-example rows of a block-level array: (B, A, ...) at (rows.block, index (R, A')) -> (R, A', ...)."""
-  return block_array[rows.block[:, None], index]
+def gather_rows(block_array: Array, index: Array) -> Array:
+  """Per-example rows of a block-level array: (B, A, ...) at index (B X, A') -> (B X, A', ...), row r reading
+  block r // X only (a gather inside each block, so a batch-sharded array stays local to its devices)."""
+  batch, num_rows, width = block_array.shape[0], index.shape[0], index.shape[1]
+  flat = index.reshape((batch, num_rows // batch * width) + (1,) * (block_array.ndim - 2))
+  picked = jnp.take_along_axis(block_array, flat, axis=1)
+  return picked.reshape((num_rows, width) + block_array.shape[2:])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -358,7 +375,7 @@ def group_ctc_log_likelihood(target_logp: Array, blank_logp: Array) -> Array:
 
 
 class ExLMOutputs(NamedTuple):
-  """R = B X rows, one per example (objectives: ExampleRows); R = B for one example per block."""
+  """R = B X rows, one per example (Expansion.examples); R = B for one example per block."""
 
   expansion: Expansion
   hidden: Array  # (B, L, D) encoder output on the expanded sequence
@@ -425,10 +442,10 @@ class ExLMModel(nn.Module):
     ex, hidden, states, logits = self.expanded_logits(tokens, is_masked, max_groups(self.mask_prob, seq_len, num_x))
     rows = ex.examples
     # One example per block: its row is the block (no gathers, the original computation).
-    per_example = (lambda a, index: a) if num_x == 1 else (lambda a, index: gather_rows(a, rows, index))
+    per_example = (lambda a, index: a) if num_x == 1 else gather_rows
     emit_logp = target_emissions(logits, ex.targets)  # (B, G, S)
     if num_x > 1:
-      emit_logp = jnp.take_along_axis(gather_rows(emit_logp, rows, rows.groups), rows.vertices[:, None, :], axis=2)
+      emit_logp = jnp.take_along_axis(gather_rows(emit_logp, rows.groups), rows.vertices[:, None, :], axis=2)
     # Empty rows get a 1-target, 1-vertex problem so everything stays finite; weighted 0 below.
     num_targets = jnp.maximum(rows.num_targets, 1)
     if self.transitions == "dag":
