@@ -346,7 +346,9 @@ def test_relative_bucket_table_is_the_jax_one():
 
 def assert_same_ids(export_dir, run, texts) -> int:
   """AutoTokenizer(DIR) ids == exlm_jax.load(RUN).tokenize ids, padded batch included; returns the number of rows
-  that differ only by an exact Unigram score tie (see below)."""
+  that differ only by an exact Unigram score tie (see below). Inputs are stripped first, as exlm_jax strips
+  every record and API input (a transformers tokenizer keeps surrounding whitespace)."""
+  texts = [t.strip() for t in texts]
   ours, pad = run.tokenize(texts)
   tok = transformers.AutoTokenizer.from_pretrained(str(export_dir))
   batch = tok(texts, truncation=True, padding=True, return_tensors="np")
