@@ -3,6 +3,7 @@ end-to-end runs on real BBBP and SST-2 from tiny pretraining checkpoints (MLM on
 text), the encoder hand-off's loud failures, configs and sweeps."""
 
 import ast
+import pathlib
 import json
 import logging
 
