@@ -417,15 +417,17 @@ def test_config_files_validate(name, arg):
 def test_sweeps_override_existing_keys():
   module = _config_module("exlm_smiles_small")
   config = base.with_defaults(module.get_config("size=tiny"))  # as main.py: every option of config.exlm
-  assert [d["exlm.num_copies"] for d in module.get_sweep(None)] == [1, 2, 4]
+  assert [d["exlm.num_copies"] for d in module.get_sweep(None)] == [2, 4, 8]
+  assert [d["mask_prob"] for d in module.get_sweep("sweep=mask")] == [0.15, 0.3, 0.45, 0.6]
   ablations = module.get_sweep("sweep=ablations")
   assert len(ablations) == 4
-  for overrides in module.get_sweep(None) + ablations:
+  for overrides in module.get_sweep(None) + module.get_sweep("sweep=mask") + ablations:
     variant = config.copy_and_resolve_references()
     for key, value in overrides.items():
       section, _, name = key.rpartition(".")
-      assert name in config[section]
-      variant[section][name] = value
+      target = variant[section] if section else variant
+      assert name in target
+      target[name] = value
     variant.model.vocab_size = 64
     exlm.validate(variant)
 
