@@ -11,7 +11,7 @@ import pytest
 
 from exlm_jax import config_lib, run_card, run_store
 from exlm_jax.analysis import __main__ as cli
-from exlm_jax.analysis import dag_view, effective_rank, entropy, inputs, report
+from exlm_jax.analysis import dag_view, entropy, inputs, rank_tool, report
 from exlm_jax.data import vocab
 from exlm_jax.objectives import base, dag, masking
 
@@ -142,7 +142,7 @@ def _layer_norm(rows):
 def test_effective_rank_equals_direct_svd(runs, tmp_path, normalise):
   run = inputs.load_run(runs["maelm"])
   blocks = inputs.load_data_blocks(SMILES_FILE, run, max_sequences=20)
-  result = effective_rank.analyse(run, SMILES_FILE, str(tmp_path), energy=0.9, modes=("corpus",), blocks=blocks,
+  result = rank_tool.analyse(run, SMILES_FILE, str(tmp_path), energy=0.9, modes=("corpus",), blocks=blocks,
                                   batch_size=8, normalise=normalise)
   assert result["settings"]["normalisation"] == normalise
   # Independent forward: the encoder on the clean blocks, every layer, real tokens only.
@@ -167,7 +167,7 @@ def test_clean_input_rows_identical_across_objectives(runs):
   blocks = inputs.load_data_blocks(SMILES_FILE, inputs.load_run(runs["mlm"]), max_sequences=20)
   real = ~np.isin(blocks, vocab.UNMASKABLE)
   for objective in OBJECTIVES:
-    rows = [r for group, _, r in effective_rank.collect_states(inputs.load_run(runs[objective]), blocks, 8)
+    rows = [r for group, _, r in rank_tool.collect_states(inputs.load_run(runs[objective]), blocks, 8)
             if group == base.CLEAN_INPUT]
     np.testing.assert_array_equal(np.concatenate(rows)[:len(blocks)], real)
     assert np.concatenate(rows)[len(blocks):].sum() == 0  # the last batch's padding rows count for nothing
@@ -176,7 +176,7 @@ def test_clean_input_rows_identical_across_objectives(runs):
 def test_mask_group_drawn_to_twenty_times_d(runs, tmp_path, capsys):
   run = inputs.load_run(runs["mlm"])
   blocks = inputs.load_data_blocks(SMILES_FILE, run, max_sequences=24)
-  result = effective_rank.analyse(run, SMILES_FILE, str(tmp_path), modes=("corpus",), blocks=blocks, batch_size=8)
+  result = rank_tool.analyse(run, SMILES_FILE, str(tmp_path), modes=("corpus",), blocks=blocks, batch_size=8)
   # Independent count: the pretraining rule's masks, draw after draw, until 20 x d = 640 rows.
   per_draw, batches = [], list(inputs.batches(blocks, 8))
   while sum(per_draw) < 640:
@@ -188,7 +188,7 @@ def test_mask_group_drawn_to_twenty_times_d(runs, tmp_path, capsys):
   assert result["corpus"]["masked_input/mask"]["num_rows"][0] == sum(per_draw)
   assert result["warnings"] == []
   capsys.readouterr()
-  few = effective_rank.analyse(run, SMILES_FILE, str(tmp_path), modes=("corpus",), blocks=blocks, batch_size=8,
+  few = rank_tool.analyse(run, SMILES_FILE, str(tmp_path), modes=("corpus",), blocks=blocks, batch_size=8,
                                max_mask_draws=1)
   assert few["mask_group"]["rows"] == per_draw[0] and len(few["warnings"]) == 1
   assert capsys.readouterr().err.count("warning: ") == 1 and "< 20 x d = 640" in few["warnings"][0]

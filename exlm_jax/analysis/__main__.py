@@ -107,11 +107,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> dict:
   # pylint: disable=g-import-not-at-top  (the tools import JAX; --help stays fast)
-  from exlm_jax.analysis import dag_view, effective_rank, entropy, repeated_mlm, report
+  from exlm_jax.analysis import dag_view, entropy, rank_tool, repeated_mlm, report
   common = dict(max_sequences=args.max_sequences, seed=args.seed)
   if args.tool == "effective_rank":
     modes = tuple(m.strip() for m in args.modes.split(",") if m.strip())
-    return effective_rank.analyse(args.workdir, args.data, args.out, energy=args.energy, center=args.center,
+    return rank_tool.analyse(args.workdir, args.data, args.out, energy=args.energy, center=args.center,
                                   kind=args.kind, modes=modes, batch_size=args.batch_size,
                                   out_of_span=args.out_of_span, normalise=args.normalise,
                                   max_mask_draws=args.max_mask_draws, **common)

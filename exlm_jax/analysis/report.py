@@ -15,7 +15,7 @@ import os
 from collections.abc import Sequence
 
 from exlm_jax import objectives, run_card, run_store
-from exlm_jax.analysis import effective_rank, entropy, inputs, plots
+from exlm_jax.analysis import effective_rank, entropy, inputs, plots, rank_tool
 
 
 def _fmt(x) -> str:
@@ -43,7 +43,7 @@ def headline(rank_result: dict, entropy_result: dict) -> dict:
          "entropy": entropy_result["entropy"][variant]}
   for name, group in {"clean_input": objectives.base.CLEAN_INPUT, **objective.rank_groups.headline}.items():
     for centred, suffix in ((False, "uncentred"), (True, "centred")):
-      out[f"rank_last_layer/{name}/{suffix}"] = effective_rank.corpus_table(rank_result, centred)[group]["rank"][-1]
+      out[f"rank_last_layer/{name}/{suffix}"] = rank_tool.corpus_table(rank_result, centred)[group]["rank"][-1]
   return out
 
 
@@ -80,7 +80,7 @@ def analyse(workdirs: Sequence[str], data: str, out_dir: str, energy: float = 0.
   ranks, entropies = {}, {}
   for name, run in runs.items():
     sub = os.path.join(out_dir, name)
-    ranks[name] = effective_rank.analyse(run, data, sub, energy, center, modes=("corpus", "per_sequence"),
+    ranks[name] = rank_tool.analyse(run, data, sub, energy, center, modes=("corpus", "per_sequence"),
                                          batch_size=batch_size, seed=seed, blocks=blocks[name], normalise=normalise,
                                          max_mask_draws=max_mask_draws)
     entropies[name] = entropy.analyse(run, data, sub, mask_ratios, batch_size=batch_size, seed=seed,
@@ -147,7 +147,7 @@ def _report_markdown(names, runs, ranks, entropies, data, energy, center, rank_p
     lines.append(f"| {name} | {head['objective']} | {rank('clean_input')} | {rank('masked_input')} | "
                  + " | ".join(_fmt(by_ratio.get(r)) for r in ratios) + " |")
   tables = (("corpus", f"Effective rank (corpus, {'centred' if center else 'uncentred'})"),
-            (effective_rank.corpus_key(not center), f"Effective rank (corpus, {'uncentred' if center else 'centred'})"),
+            (rank_tool.corpus_key(not center), f"Effective rank (corpus, {'uncentred' if center else 'centred'})"),
             ("per_sequence", f"Effective rank (per-sequence mean, {'centred' if center else 'uncentred'})"))
   for mode, title in tables:
     num_layers = max(len(row["layer"]) for res in ranks.values() for row in res[mode].values())

@@ -62,7 +62,7 @@ CLEAN_INPUT = "clean_input/real"  # effective_rank's group for every objective: 
 
 @dataclasses.dataclass(frozen=True)
 class RankGroups:
-  """The token groups `effective_rank` measures on an objective's encoder (exlm_jax/analysis/effective_rank.py).
+  """The token groups `effective_rank` measures on an objective's encoder (exlm_jax/analysis/rank_tool.py).
 
   Every objective is measured on the same rows: CLEAN_INPUT, the encoder on the clean blocks at every real
   (content) token, computed by the tool itself. An objective adds the views its pretraining shows the encoder:
