@@ -25,7 +25,6 @@ ALLOWED = {
     ("exlm_jax/analysis/__main__.py", "repeated_mlm"),
     ("exlm_jax/analysis/repeated_mlm.py", "repeated_mlm"),
 }
-# Pending the fine-tuning rewrite (issue 12 step 4): it still reads the run store through `api`.
 
 
 def _sources(*patterns):
