@@ -22,7 +22,7 @@ def get_config(arg=None):
   config = config_lib.pretrain_config("exlm", arg.size)
   config.exlm = ml_collections.ConfigDict(dict(num_copies=arg.k, transitions=arg.transitions, positions=arg.positions))
   config.data = config_lib.data_config("text", "$DATA/text/agnews/dev.tsv", vocab_size=8000,
-                                       eval_path="$DATA/text/agnews/test.tsv")
+                                       eval_path="$DATA/text/agnews/test.tsv", column="0")  # no header
   config.seq_len = 128
   config.mask_prob = 0.15
   config.batch_size = 64

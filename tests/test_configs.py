@@ -319,3 +319,23 @@ def test_main_reports_config_and_flag_errors_in_one_line(tmp_path, args, message
   lines = result.stderr.strip().splitlines()
   assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.stderr[-3000:]
   assert not (tmp_path / "run" / "config.json").exists()
+
+
+@pytest.mark.parametrize("path", [p for p in CONFIG_FILES if not p.name.startswith("finetune_")], ids=lambda p: p.stem)
+def test_every_pretraining_config_reads_its_own_data_files(path):
+  """The data files a config names are read with its own column / documents settings: the first record of each
+  is the file's first row (a headerless table is not mistaken for one with a header) and is not empty."""
+  from exlm_jax.data import paths, readers  # pylint: disable=g-import-not-at-top
+  if paths.data_dir() is None:
+    pytest.skip("EXLM_DATA_DIR is not set")
+  data = config_lib.load(str(path)).data
+  for file in filter(None, (data.path, data.eval_path)):
+    if not file.startswith("$DATA/"):
+      continue
+    local = paths.resolve(file)
+    first = next(readers.read_records(local, kind=data.name, column=data.column, documents=data.documents))
+    assert first, f"{path.name}: the first record of {file} is empty"
+    with open(local, "rb") as handle:
+      head = handle.read(4096)
+    if not local.endswith(".gz"):
+      assert first.split()[0].encode() in head.split(b"\n")[0], f"{path.name}: {file}'s first row was skipped"
