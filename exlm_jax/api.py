@@ -6,6 +6,8 @@
   model.predict_masked(["CC[MASK]c1ccccc1"], top_k=3)       # [[[('O', 0.41), ('N', 0.22), ('C', 0.1)]]]
   ids, pad = model.tokenize(["CCO"])                        # (1, L) int32 blocks `<s> ... </s> <pad>`
   hidden = model.encode(ids, pad)                           # (1, L, D), jitted
+  squad = exlm_jax.load("runs/ft_squad2")                   # a SQuAD fine-tuning workdir
+  squad.answer("Who ruled?", "Rollo ruled Normandy.")       # SpanAnswer(text='Rollo', score=.., start=0, end=5)
 
   # Pure functions (params in, arrays out) compose with your own jax.jit / jax.vmap / jax.grad:
   f = jax.jit(lambda p, t, m: model.encode_fn(p, t, m).mean(1))
@@ -25,7 +27,8 @@ bad input never fails a batch: `embed` and `predict` give a NaN row for an input
 tokenizer cannot encode, or (SMILES runs: tokenizer smiles_regex / smiles_bpe) that RDKit cannot parse;
 `predict_masked` gives None for an input it cannot encode, and None for each [MASK] that falls past the
 run's seq_len. Each case is one warning line naming the inputs (logger `exlm_jax.api`). `tokenize` is the
-strict low-level step: it raises on an input the tokenizer cannot encode.
+strict low-level step: it raises on an input the tokenizer cannot encode. `answer` (SQuAD runs) strips the
+question but not the context, so its character offsets index the context exactly as given.
 """
 
 from __future__ import annotations
@@ -47,7 +50,8 @@ log = logging.getLogger(__name__)
 
 MASK_STRING = vocab.SPECIAL_TOKENS[vocab.MASK]  # "[MASK]"
 NEVER_PREDICTED = (vocab.PAD, vocab.BOS, vocab.EOS, vocab.MASK)  # never proposed by predict_masked
-SMILES_TOKENIZERS = ("smiles_regex", "smiles_bpe")  # runs whose inputs are SMILES (checked with RDKit)
+SMILES_TOKENIZERS = ("smiles_regex", "smiles_bpe")
+QA_TASK_TYPE = "extractive_qa"  # task.json task_type of SQuAD runs (finetune/squad/task.py)  # runs whose inputs are SMILES (checked with RDKit)
 _SHOWN_INPUTS = 5  # inputs named in a warning line
 
 
@@ -162,7 +166,8 @@ class LoadedModel:
   Attributes: path, kind ('pretrain' | 'finetune'), step, seed (fine-tuning), config (the run's
   config.json as a ConfigDict), objective (the pretraining objective), model_config, tokenizer,
   params (replicated over `mesh`), task (fine-tuning: task.json as a dict, else None).
-  Pure functions: encode_fn, embed_fn, masked_logits_fn (pretraining), predict_fn (fine-tuning).
+  Pure functions: encode_fn, embed_fn, masked_logits_fn (pretraining), predict_fn (fine-tuning with a
+  `<s>` head), span_logits_fn (SQuAD fine-tuning: (params, ids) -> start, end logits (B, L)).
   """
 
   def __init__(self, location: RunLocation, devices: Sequence[jax.Device] | None = None,
@@ -188,7 +193,11 @@ class LoadedModel:
     self.embed_fn = lambda params, ids, mask: mean_pool(self.encode_fn(params, ids, mask), mask)
     self.masked_logits_fn = None
     self.predict_fn = None
-    if self.kind == FINETUNE:
+    self.span_logits_fn = None
+    if self.kind == FINETUNE and self.task["task_type"] == QA_TASK_TYPE:
+      from exlm_jax.finetune.squad import predict as squad_predict  # pylint: disable=g-import-not-at-top
+      self.span_logits_fn = lambda params, ids: squad_predict.squad_logits(self.model_config, params, ids)
+    elif self.kind == FINETUNE:
       from exlm_jax.finetune import model as ft_model  # pylint: disable=g-import-not-at-top
       net = ft_model.FinetuneModel(self.model_config, int(self.task["num_outputs"]), 0.0, True)
       self.predict_fn = lambda params, ids: net.apply({"params": params}, ids)
@@ -356,7 +365,8 @@ class LoadedModel:
     multitask_binary: (B, T) positive-class probabilities; regression: (B, T) predictions in label units.
     NaN rows for unusable inputs (module docstring)."""
     if self.predict_fn is None:
-      raise ValueError(f"{self.path} is a pretraining run; predict() needs a fine-tuning workdir")
+      what = "a SQuAD run; use answer()" if self.span_logits_fn else "a pretraining run"
+      raise ValueError(f"{self.path} is {what}; predict() needs a fine-tuning workdir with a <s> head")
     texts, ids, rows = self._usable_rows(texts, "predictions")
     result = np.full((len(texts), int(self.task["num_outputs"])), np.nan, np.float32)
     if not len(rows):
@@ -372,6 +382,47 @@ class LoadedModel:
       out = out * np.asarray(self.task["target_std"], np.float32) + np.asarray(self.task["target_mean"], np.float32)
     result[rows] = out
     return result
+
+  # -- SQuAD ----------------------------------------------------------------------------------------
+
+  @property
+  def null_threshold(self) -> float | None:
+    """SQuAD 2.0: the loaded seed's best_f1_thresh on the evaluation set (results.json; 0.0 if absent);
+    SQuAD 1.1: None (always answer)."""
+    if self.task.get("version") != "v2.0":
+      return None
+    results = self.path / "results.json"
+    per_seed = read_json(results)["per_seed"] if results.exists() else []
+    for r in per_seed:
+      if r["seed"] == self.seed:
+        return float(r["selection"][self.task["selection_split"]].get("best_f1_thresh", 0.0))
+    return 0.0
+
+  def _span_logits(self, params, token_ids):
+    (ids,), batch = self._shard(np.asarray(token_ids, np.int32))
+    start, end = self._jit("span_logits", self.span_logits_fn)(params, ids)
+    return np.asarray(start)[:batch], np.asarray(end)[:batch]
+
+  def answer(self, question: str, context: str, null_threshold: float | None | str = "selected"):
+    """SQuAD runs: the answer to `question` in `context` as SpanAnswer(text, score, start, end), with
+    context[start:end] == text (character offsets into `context` as given).
+
+    Decoded as in evaluation (the run's windows, n-best and maximum answer length). SQuAD 2.0 answers
+    "" (score = the null score, start = end = 0) when the null score beats the best span by more than
+    `null_threshold`: by default the threshold selected on the evaluation set (`self.null_threshold`);
+    None never abstains.
+    """
+    if self.span_logits_fn is None:
+      raise ValueError(f"{self.path} is not a SQuAD fine-tuning run; answer() needs one "
+                       "(configs/finetune_squad.py)")
+    from exlm_jax.finetune.squad import features, predict as squad_predict  # pylint: disable=g-import-not-at-top
+    squad = self.config.squad
+    geometry = features.FeatureConfig(self.max_length, squad.doc_stride, squad.max_query_length)
+    threshold = self.null_threshold if null_threshold == "selected" else null_threshold
+    return squad_predict.answer(self.params, self.tokenizer, self.model_config, question.strip(), context,
+                                feature_config=geometry, n_best=squad.n_best,
+                                max_answer_length=squad.max_answer_length, null_threshold=threshold,
+                                logits_fn=self._span_logits, batch_size=_round_up(8, self.mesh.size))
 
   def __repr__(self) -> str:
     cfg = self.model_config

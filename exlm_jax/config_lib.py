@@ -44,6 +44,8 @@ SHARDING = dict(
 # exlm_jax/finetune/tasks.py MOLECULENET; a test keeps them equal).
 GLUE_TASKS = ("cola", "sst2", "mrpc", "qqp", "stsb", "mnli", "qnli", "rte", "wnli")
 MOLECULENET_TASKS = ("bbbp", "bace", "bace_pic50", "clintox", "tox21", "sider", "esol", "freesolv")
+SQUAD_VERSIONS = {"squad_v1": "v1.1", "squad_v2": "v2.0"}  # task name -> SQuAD version (finetune/squad/task.py)
+SQUAD_TASKS = tuple(SQUAD_VERSIONS)
 
 
 def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
@@ -309,6 +311,28 @@ def finetune_config(task: str = "sst2") -> ml_collections.ConfigDict:
   cfg.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
   cfg.logical_axis_rules = ()
   return cfg
+
+
+def squad_config(task: str = "squad_v2") -> ml_collections.ConfigDict:
+  """The `config.squad` block of extractive-QA fine-tuning (finetune/squad/): data, windows and decoding.
+
+  Sources: official SQuAD JSON files (paths or `$DATA/...`, several allowed) or TFDS builders
+  (`tfds:squad/v2.0:train`); the defaults are the official train / dev sets through TFDS. Articles ()
+  = every article of the sources; train and evaluation articles must not overlap (split by article).
+  """
+  if task not in SQUAD_VERSIONS:
+    raise ValueError(f"unknown SQuAD task {task!r}; choose one of {', '.join(SQUAD_TASKS)}")
+  version = SQUAD_VERSIONS[task]
+  return ml_collections.ConfigDict(dict(
+      train_sources=(f"tfds:squad/{version}:train",),
+      eval_sources=(f"tfds:squad/{version}:validation",),
+      train_articles=(),  # titles, e.g. ("Rhine",); () = all
+      eval_articles=(),
+      doc_stride=128,  # BERT / COCO-LM: windows of seq_len start every 128 context tokens
+      max_query_length=64,  # question tokens kept
+      n_best=20,  # decoding: distinct answer texts kept per question
+      max_answer_length=30,  # decoding: tokens per answer span
+  ))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -135,7 +135,9 @@ def test_derived_configs_equal_their_base_with_the_argument():
 def test_finetune_task_names_match_the_registries():
   from exlm_jax.finetune.metrics import GLUE_TASKS  # pylint: disable=g-import-not-at-top
   from exlm_jax.finetune.tasks import MOLECULENET  # pylint: disable=g-import-not-at-top
+  from exlm_jax.finetune.squad.reader import VERSIONS  # pylint: disable=g-import-not-at-top
   assert config_lib.GLUE_TASKS == tuple(GLUE_TASKS) and config_lib.MOLECULENET_TASKS == tuple(MOLECULENET)
+  assert sorted(config_lib.SQUAD_VERSIONS.values()) == sorted(VERSIONS)  # one task per SQuAD version
 
 
 def test_repeated_mlm_config_mask_prob_matches_the_pilot_maths():

@@ -149,7 +149,7 @@ def test_glue_without_local_copy_needs_tfds():
     with pytest.raises(ImportError, match="TensorFlow"):
       tasks.load_glue("mrpc")
   with pytest.raises(ValueError, match="unknown GLUE task"):
-    tasks.load_glue("squad")
+    tasks.load_glue("imdb")
 
 
 def _fake_tfds(monkeypatch, n=40):

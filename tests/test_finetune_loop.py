@@ -125,7 +125,7 @@ def test_finetuning_steps_through_the_one_trainer_equal_a_direct_computation():
   model_cfg = ModelConfig.from_config(config_lib.model_config("tiny", vocab_size=40, num_layers=1))
   split, seed, total_steps = _multitask_split(), 4, 10
   batch = ft_data.make_batch(split, np.array([5, 0, 2, 7, 1, 3]), 8)  # 2 filler rows
-  model = loop.loss_model(model_cfg, "multitask_binary", 3, 0.1, ft_data.make_batch(split, np.arange(0), 1))
+  model = ft_data.loss_model(model_cfg, "multitask_binary", 3, 0.1, ft_data.make_batch(split, np.arange(0), 1))
   setup = steps.TrainSetup.create(config, partitioning.create_mesh(config.mesh), model,
                                   ft_config.optimizer_config(config, total_steps))
   encoder = model_lib.FinetuneModel(model_cfg, 3).init(jax.random.PRNGKey(9), jnp.asarray(split.tokens))["params"]
@@ -345,7 +345,7 @@ def test_configs_cover_every_task_and_sweeps_override_existing_fields():
   assert load_config_module("finetune_sst2").get_config("quick").finetune.task == "sst2"
   assert load_config_module("finetune_bbbp").get_config().finetune.task == "bbbp"
   with pytest.raises(ValueError, match="unknown GLUE task"):
-    glue.get_config("task=squad")
+    glue.get_config("task=imdb")  # not GLUE (SQuAD is configs/finetune_squad.py)
   assert ft_config.label_columns("NR-AR, SR-p53,") == ["NR-AR", "SR-p53"]
   bad = molecules.get_config("task=bbbp")
   bad.batch_size = 12

@@ -360,7 +360,7 @@ def test_decoding_matches_brute_force(spm, squad):
       assert [t for t, _ in p.nbest] == [t for t, _ in nbest]
       np.testing.assert_allclose([s for _, s in p.nbest], [s for _, s in nbest], rtol=1e-12)
       assert (p.text, p.score) == p.nbest[0] and math.isclose(p.null_score, null)
-      assert p.text in examples[[e.qid for e in examples].index(qid)].context
+      assert examples[[e.qid for e in examples].index(qid)].context[p.start:p.end] == p.text
 
 
 def test_final_answers_threshold():
@@ -461,12 +461,17 @@ def test_answer_returns_the_best_span_or_no_answer(spm, squad):
   f = feats.build_features([e], spm, config)
   params = SquadModel(cfg).init(jax.random.PRNGKey(1), f.batch([0]))["params"]
   params = flax.linen.meta.unbox(params)
-  text, score = predict.answer(params, spm, cfg, e.question, e.context, feature_config=config, null_threshold=None)
+  text, score, first, last = predict.answer(params, spm, cfg, e.question, e.context, feature_config=config,
+                                            null_threshold=None)
   start, end = predict.window_logits(params, cfg, f, batch_size=4)
   (best_text, best_score), = brute_force(f, start, end, 1, 30)[e.qid][0]
-  assert text == best_text and text in e.context and math.isclose(score, best_score, rel_tol=1e-5)
-  none, null = predict.answer(params, spm, cfg, e.question, e.context, feature_config=config, null_threshold=-1e9)
-  assert none == "" and math.isclose(null, float(np.min(start[:, 0] + end[:, 0])), rel_tol=1e-5)
+  assert text == best_text and e.context[first:last] == text and math.isclose(score, best_score, rel_tol=1e-5)
+  # the offsets are a token span's: they start at a token's first character and end at a token's last
+  spans = f.context_spans[0]
+  assert first in set(spans[:, 0].tolist()) and last in set(spans[:, 1].tolist())
+  none, null, *offsets = predict.answer(params, spm, cfg, e.question, e.context, feature_config=config,
+                                        null_threshold=-1e9)
+  assert none == "" and offsets == [0, 0] and math.isclose(null, float(np.min(start[:, 0] + end[:, 0])), rel_tol=1e-5)
 
 
 def test_squad_model_trains_on_real_features(spm, squad):

@@ -8,7 +8,6 @@ import pathlib
 from typing import Any
 
 from exlm_jax import config_lib, objectives, run_store
-from exlm_jax.finetune import tasks as tasks_lib
 from exlm_jax.models.encoder import ModelConfig
 
 
@@ -71,15 +70,15 @@ def _tokenizer_from(path: str):
   return tokenizers.load(path / "tokenizer" if (path / "tokenizer").is_dir() else path)
 
 
-def scratch_initialisation(config, task: tasks_lib.TaskData) -> Initialisation:
-  """Random encoder of size `scratch_size`, tokenizer from `config.tokenizer` or built on the train split."""
+def scratch_initialisation(config, task) -> Initialisation:
+  """Random encoder of size `scratch_size`, tokenizer from `config.tokenizer` or built on the task's
+  `tokenizer_corpus()` (a finetune/data.py Task: SentencePiece on text, the SMILES regex on molecules)."""
   from exlm_jax.data import tokenizers  # pylint: disable=g-import-not-at-top
   if config.tokenizer:
     tokenizer = _tokenizer_from(config.tokenizer)
   else:
-    texts = task.splits["train"].texts
-    flat = [t for pair in texts for t in (pair if isinstance(pair, tuple) else (pair,))]
-    if task.name in tasks_lib.GLUE_TASKS:
+    flat, kind = task.tokenizer_corpus()
+    if kind == "text":
       try:
         tokenizer = tokenizers.SentencePieceTokenizer.train(flat, vocab_size=config.scratch_vocab_size)
       except ValueError as e:

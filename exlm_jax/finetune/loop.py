@@ -1,7 +1,8 @@
-"""Fine-tuning loop shared by every task (GLUE, MoleculeNet, any MoleculeNet-style CSV).
+"""Fine-tuning loop shared by every task (GLUE, MoleculeNet, any MoleculeNet-style CSV, SQuAD 1.1 / 2.0).
 
   python main.py --config configs/finetune_glue.py:task=sst2 --config.init_from=runs/mlm_text --workdir runs/ft_sst2
   python main.py --config configs/finetune_moleculenet.py:task=bbbp --config.init_from=runs/exlm_smiles --workdir runs/ft_bbbp
+  python main.py --config configs/finetune_squad.py:task=squad_v2 --config.init_from=runs/maelm_text --workdir runs/ft_squad
 
 `run(config, workdir)` (called by main.py for configs with a `finetune` section):
   1. restores the pretraining params of `config.init_from` (a workdir, its checkpoints/ folder or one
@@ -9,13 +10,16 @@
      checked leaf by leaf against the fine-tuning encoder (built from that run's config.json `model`
      section; copy index 0 everywhere, i.e. ExLM without expansion). init_from='' trains from scratch
      (finetune/handoff.py);
-  2. loads the task (finetune/tasks.py), tokenizes it with the pretraining run's tokenizer into
-     `<s> A </s> </s> B </s>` blocks of `seq_len` slots (finetune/data.py);
-  3. for every seed in `config.seeds`: trains `FinetuneLoss` (finetune/model.py) with the one trainer
+  2. loads the task through the registry `finetune/data.py load_task` (a `Task`: GLUE / MoleculeNet /
+     CSV as `<s> A </s> </s> B </s>` blocks of `seq_len` slots with a `<s>` head; SQuAD as question +
+     context windows with a span head, finetune/squad/task.py) and encodes it with the pretraining run's
+     tokenizer;
+  3. for every seed in `config.seeds`: trains the task's loss module (`Task.loss_model`) with the one trainer
      (train/steps.py `TrainSetup`: AdamW, linear warm-up over `warmup_ratio` of the steps then linear
      decay to 0) for `num_epochs`, evaluates the selection split every `eval_every` steps (0:
      `evals_per_epoch` times per epoch), keeps the best params by the task's main metric, scores the
-     report splits (test) with them and saves them (Orbax, `seed_<s>/checkpoints/<best step>`);
+     report splits (test) with them, writes the task's prediction files (`Task.write_predictions`; SQuAD:
+     seed_<s>/predictions_<split>.json) and saves the params (Orbax, `seed_<s>/checkpoints/<best step>`);
   4. writes results.json (per seed and mean ± sample std over seeds), results.md, final_metrics.json
      (seed means, in the pretraining loop's shape for launch/sweep.py; finetune/results.py), TensorBoard
      events under tensorboard/seed_<s>/, config.json, task.json and tokenizer/ (so `exlm_jax.load` works).
@@ -32,21 +36,16 @@ import math
 import pathlib
 import time
 
-import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
 from exlm_jax import run_store
 from exlm_jax.finetune import data as data_lib
 from exlm_jax.finetune import results as results_lib
-from exlm_jax.finetune import tasks as tasks_lib
 from exlm_jax.finetune.config import optimizer_config, validate_config
 from exlm_jax.finetune.handoff import Initialisation, pretrained_encoder, scratch_initialisation
 from exlm_jax.finetune.metrics import is_improvement
-from exlm_jax.finetune.model import ClassificationHead, FinetuneLoss
-from exlm_jax.models.encoder import ModelConfig
 from exlm_jax.train import checkpoint, partitioning, reporting, steps, workdir_lock
 from exlm_jax.train.divergence import DivergenceGuard
 from exlm_jax.train.reporting import note
@@ -59,39 +58,19 @@ log = logging.getLogger(__name__)
 # ----------------------------------------------------------------------------------------------
 
 
-def loss_model(cfg: ModelConfig, task_type: str, num_outputs: int, pooler_dropout: float,
-               example_batch: dict) -> steps.LossModel:
-  """FinetuneLoss as TrainSetup trains it; `example_batch`: one row with the structure of every batch.
-
-  Dropout key: the step key itself, fold_in(PRNGKey(seed), step). With a pretrained encoder as the
-  `init_state` override, the head is initialised on its own, `ClassificationHead.init(PRNGKey(seed))`
-  (no encoder forward); without one, encoder and head come from `FinetuneLoss.init`.
-  """
-
-  def make(deterministic: bool) -> FinetuneLoss:
-    return FinetuneLoss(cfg, num_outputs, pooler_dropout, deterministic, task_type)
-
-  def with_new_head(params, override, rng):
-    head = ClassificationHead(cfg, num_outputs).init(rng, jnp.zeros((1, cfg.d_model)))["params"]
-    return steps.replace_subtrees({**params, "head": nn.meta.unbox(head)}, override)
-
-  return steps.LossModel(make, example_batch, rngs=lambda key: (key, key), init_override=with_new_head)
-
-
-def make_setup(config, task: tasks_lib.TaskData, init: Initialisation, train: data_lib.EncodedSplit,
+def make_setup(config, task: data_lib.Task, init: Initialisation, train: data_lib.Encoded,
                total_steps: int) -> steps.TrainSetup:
-  """The TrainSetup of this task's FinetuneLoss on config.mesh, warm-up as a fraction of total_steps."""
-  model = loss_model(init.model_config, task.task_type, task.num_outputs, config.finetune.pooler_dropout,
-                     data_lib.make_batch(train, np.arange(0), 1))
+  """The TrainSetup of this task's loss module on config.mesh, warm-up as a fraction of total_steps."""
+  model = task.loss_model(init.model_config, train)
   return steps.TrainSetup.create(config, partitioning.create_mesh(config.mesh), model,
                                  optimizer_config(config, total_steps))
 
 
-def predict_split(setup: steps.TrainSetup, params, split: data_lib.EncodedSplit, batch_size: int) -> np.ndarray:
-  """(N, C) float32 model outputs over a whole split."""
+def predict_split(setup: steps.TrainSetup, params, split: data_lib.Encoded, batch_size: int) -> np.ndarray:
+  """(N, ...) float32 model outputs over a whole split (classification heads: (N, C))."""
   outputs = []
   for start in range(0, len(split), batch_size):
-    batch = data_lib.make_batch(split, np.arange(start, min(start + batch_size, len(split))), batch_size)
+    batch = split.batch(np.arange(start, min(start + batch_size, len(split))), batch_size)
     outputs.append(setup.predict(params, steps.process_rows(batch)))
   host = np.concatenate(jax.device_get(outputs)) if outputs else np.zeros((0, 1), np.float32)
   return host[:len(split)]
@@ -120,8 +99,8 @@ def save_best(workdir: pathlib.Path, seed: int, step: int, params) -> None:
   checkpoint.finish(manager)
 
 
-def train_seed(config, setup: steps.TrainSetup, task: tasks_lib.TaskData, encoded: dict[str, data_lib.EncodedSplit],
-               init: Initialisation, seed: int, workdir: pathlib.Path, stats) -> dict:
+def train_seed(config, setup: steps.TrainSetup, task: data_lib.Task, encoded: dict[str, data_lib.Encoded],
+               init: Initialisation, seed: int, workdir: pathlib.Path) -> dict:
   """Trains one seed with model selection (best params saved under seed_<s>/checkpoints); returns its results."""
   started = time.perf_counter()
   train = encoded["train"]
@@ -134,13 +113,13 @@ def train_seed(config, setup: steps.TrainSetup, task: tasks_lib.TaskData, encode
   state = setup.init_state(seed, None if init.encoder is None else {"encoder": init.encoder})
   shuffle = np.random.default_rng(seed)
   best = {"value": None, "step": 0, "epoch": 0, "metrics": {}}
-  best_params, history, last_eval = None, [], {}
+  best_params, best_outputs, history, last_eval, outputs = None, None, [], {}, None
   guard = DivergenceGuard()
   step = 0
   for epoch in range(1, config.num_epochs + 1):
     order = shuffle.permutation(len(train))
     for b in range(steps_per_epoch):
-      batch = data_lib.make_batch(train, order[b * config.batch_size:(b + 1) * config.batch_size], config.batch_size)
+      batch = train.batch(order[b * config.batch_size:(b + 1) * config.batch_size], config.batch_size)
       state, metrics = setup.train_step(state, steps.process_rows(batch), seed)
       step += 1
       guard.add(step, metrics)  # a non-finite step stops the seed before it is logged or kept as the best
@@ -149,26 +128,28 @@ def train_seed(config, setup: steps.TrainSetup, task: tasks_lib.TaskData, encode
       window.add(step, metrics, context=f"seed {seed} epoch {epoch}")
       if eval_due(config, step, b + 1, steps_per_epoch) or step == total_steps:
         outputs = predict_split(setup, state.params, encoded[selection], config.eval_batch_size)
-        last_eval = results_lib.score(task, selection, outputs, *stats)
+        last_eval = task.score(selection, outputs)
         history.append({"step": step, "epoch": epoch, **last_eval})
         improved = is_improvement(main_metric, last_eval[main_metric], best["value"])
         if improved:
           best = {"value": last_eval[main_metric], "step": step, "epoch": epoch, "metrics": last_eval}
-          best_params = setup.copy_params(state.params)
+          best_params, best_outputs = setup.copy_params(state.params), outputs
         window.evaluated(step, last_eval, f"{selection}/",
                          f"seed {seed} eval at step {step} (epoch {epoch}) on {selection}: "
                          f"{results_lib.shown(last_eval)}" + (" (best)" if improved else ""))
   if best_params is None:
     note(f"seed {seed}: {main_metric} was never finite on {selection}; reporting the final params")
-    best_params = state.params
+    best_params, best_outputs = state.params, outputs
     best.update(step=step, epoch=config.num_epochs, metrics=last_eval)
   report = {}
   for name in task.report_splits:
     if name == selection:
       report[name] = best["metrics"]
+      task.write_predictions(workdir / f"seed_{seed}", name, best_outputs)
       continue
     outputs = predict_split(setup, best_params, encoded[name], config.eval_batch_size)
-    report[name] = results_lib.score(task, name, outputs, *stats)
+    report[name] = task.score(name, outputs)
+    task.write_predictions(workdir / f"seed_{seed}", name, outputs)
     writer.scalars(best["step"], report[name], prefix=f"{name}_at_best/")
     note(f"seed {seed} {name} at best step {best['step']}: {results_lib.shown(report[name])}")
   writer.close()
@@ -197,16 +178,17 @@ def config_fingerprint(config) -> str:
   return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def prepare(config) -> tuple[tasks_lib.TaskData, Initialisation]:
-  """The task data and what the encoder starts from (init_from is checked first: it fails fastest)."""
+def prepare(config) -> tuple[data_lib.Task, Initialisation]:
+  """The task and what the encoder starts from (task fields, then init_from are checked first: they fail fastest)."""
+  data_lib.validate_task_config(config)
   if config.init_from:
     if config.tokenizer:
       raise ValueError("config.tokenizer is only for init_from='' (scratch runs); a pretrained encoder "
                        "brings its own tokenizer: leave --config.tokenizer empty")
     init = pretrained_encoder(config.init_from, dict(config.model))
-    task = data_lib.load_task_data(config)
+    task = data_lib.load_task(config)
   else:
-    task = data_lib.load_task_data(config)
+    task = data_lib.load_task(config)
     msg = ("init_from is empty: fine-tuning a RANDOMLY initialised encoder (a from-scratch baseline); "
            "pass --config.init_from=PRETRAINING_WORKDIR to fine-tune a pretrained one")
     log.warning(msg)
@@ -218,14 +200,9 @@ def prepare(config) -> tuple[tasks_lib.TaskData, Initialisation]:
   return task, init
 
 
-def task_info(config, task: tasks_lib.TaskData, init: Initialisation, stats) -> dict:
+def task_info(config, task: data_lib.Task, init: Initialisation) -> dict:
   """task.json: what exlm_jax.load and a later intermediate-task run need to know about this one."""
-  return {"name": task.name, "task_type": task.task_type, "num_outputs": task.num_outputs,
-          "label_names": list(task.label_names), "metrics": list(task.metrics), "main_metric": task.main_metric,
-          "selection_split": task.selection_split, "report_splits": list(task.report_splits),
-          "split_sizes": {k: len(v) for k, v in task.splits.items()},
-          "invalid_smiles": results_lib.invalid_smiles(task), "target_mean": stats[0].tolist(),
-          "target_std": stats[1].tolist(), "pretrain_objective": init.objective, "init_from": config.init_from,
+  return {**task.info(), "pretrain_objective": init.objective, "init_from": config.init_from,
           "init_step": init.step}
 
 
@@ -247,8 +224,7 @@ def _run_locked(config, workdir: str) -> dict:
   note(f"init: {init.source} ({init.objective or 'no pretraining'}) | encoder {init.model_config.num_layers}x"
        f"{init.model_config.d_model} {init.model_config.positions}, vocab {init.model_config.vocab_size}")
 
-  stats = data_lib.target_stats(task, config.finetune.normalize_targets)
-  encoded = data_lib.encode_task(task, init.tokenizer, config.seq_len, *stats)
+  encoded = task.encode(init.tokenizer, config.seq_len)
   steps_per_epoch = math.ceil(len(encoded["train"]) / config.batch_size)
   total_steps = steps_per_epoch * config.num_epochs
   setup = make_setup(config, task, init, encoded["train"], total_steps)
@@ -259,7 +235,7 @@ def _run_locked(config, workdir: str) -> dict:
   config_out["model"] = dataclasses.asdict(init.model_config)
   config_out["model_overrides"] = dict(config.model)
   checkpoint.write_json(str(workdir / run_store.CONFIG_FILE), config_out)
-  info = task_info(config, task, init, stats)
+  info = task_info(config, task, init)
   checkpoint.write_json(str(workdir / run_store.TASK_FILE), info)
   if jax.process_index() == 0 and not (workdir / "tokenizer").exists():
     init.tokenizer.save(workdir / "tokenizer")
@@ -276,7 +252,7 @@ def _run_locked(config, workdir: str) -> dict:
       note(f"seed {seed}: already done ({done}); skipping")
       per_seed.append(previous)
       continue
-    result = train_seed(config, setup, task, encoded, init, int(seed), workdir, stats)
+    result = train_seed(config, setup, task, encoded, init, int(seed), workdir)
     result["config_fingerprint"] = fingerprint
     checkpoint.write_json(str(done), result)
     per_seed.append(result)
@@ -284,7 +260,7 @@ def _run_locked(config, workdir: str) -> dict:
   results = {"task": task.name, "task_type": task.task_type, "main_metric": task.main_metric,
              "selection_split": task.selection_split, "report_splits": list(task.report_splits),
              "init_from": config.init_from, "pretrain_objective": init.objective, "init_step": init.step,
-             "split_sizes": info["split_sizes"], "invalid_smiles": info["invalid_smiles"],
+             "split_sizes": info["split_sizes"], **task.results_info(),
              "seeds": [int(s) for s in config.seeds], "per_seed": per_seed,
              "summary": results_lib.summarize(per_seed, task), "best_seed": results_lib.best_seed(per_seed, task)}
   checkpoint.write_json(str(workdir / "results.json"), results)

@@ -77,7 +77,8 @@ def results_markdown(results: dict) -> str:
            f"init_from: `{results['init_from'] or 'random init'}` ({results['pretrain_objective'] or '-'}, "
            f"step {results['init_step']}); model selection on `{selection}` by {results['main_metric']}; "
            f"{len(results['seeds'])} seed(s); mean ± sample std.",
-           f"splits: {results['split_sizes']}" + ("" if results["task"] in tasks_lib.GLUE_TASKS else
+           f"splits: {results['split_sizes']}" + ("" if results["task"] in tasks_lib.GLUE_TASKS
+                                                  or "invalid_smiles" not in results else
                                                   f"; invalid SMILES left out: {len(results['invalid_smiles'])}"), "",
            "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
   for r in results["per_seed"]:

@@ -23,13 +23,18 @@ from exlm_jax.finetune.squad.features import SquadFeatures, max_context_mask
 
 @dataclasses.dataclass(frozen=True)
 class Prediction:
-  """A question's best span, its score (start + end logit), the null score and the n-best (text, score) list."""
+  """A question's best span, its score (start + end logit), the null score and the n-best (text, score) list.
+
+  start, end: character offsets of `text` in the context (context[start:end] == text; 0, 0 without a span).
+  """
 
   qid: str
   text: str
   score: float
   null_score: float
   nbest: tuple[tuple[str, float], ...]
+  start: int = 0
+  end: int = 0
 
   @property
   def score_diff(self) -> float:
@@ -76,9 +81,12 @@ def _predict_one(features, index, windows, start_logits, end_logits, n_best, max
   example, spans = features.examples[index], features.context_spans[index]
   scores, firsts, lasts = _candidates(features, windows, start_logits, end_logits, max_answer_length)
   nbest: dict[str, float] = {}
+  best_chars = (0, 0)
   for i in np.argsort(-scores, kind="stable"):
-    text = example.context[spans[firsts[i], 0]:spans[lasts[i], 1]]
+    chars = int(spans[firsts[i], 0]), int(spans[lasts[i], 1])
+    text = example.context[chars[0]:chars[1]]
     if text and text not in nbest:
+      best_chars = best_chars if nbest else chars
       nbest[text] = float(scores[i])
       if len(nbest) == n_best:
         break
@@ -86,7 +94,7 @@ def _predict_one(features, index, windows, start_logits, end_logits, n_best, max
   if not nbest:  # only whitespace pieces in the context: nothing to answer
     return Prediction(example.qid, "", -np.inf, null_score, ())
   text, score = next(iter(nbest.items()))
-  return Prediction(example.qid, text, score, null_score, tuple(nbest.items()))
+  return Prediction(example.qid, text, score, null_score, tuple(nbest.items()), *best_chars)
 
 
 def final_answers(predictions: Mapping[str, Prediction], null_threshold: float | None = 0.0) -> dict[str, str]:
