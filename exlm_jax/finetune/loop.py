@@ -10,7 +10,9 @@
      section; copy index 0 everywhere, i.e. ExLM without expansion). init_from='' trains from scratch
      (finetune/handoff.py);
   2. loads the task (finetune/tasks.py), tokenizes it with the pretraining run's tokenizer into
-     `<s> A </s> </s> B </s>` blocks of `seq_len` slots (finetune/data.py);
+     `<s> A </s> </s> B </s>` blocks of `seq_len` slots (finetune/data.py); seq_len=0 is init_from's longest
+     training example rounded up to 8, longer inputs are truncated or skipped and counted per split
+     (finetune/lengths.py);
   3. for every seed in `config.seeds`: trains `FinetuneLoss` (finetune/model.py) with the one trainer
      (train/steps.py `TrainSetup`: AdamW, linear warm-up over `warmup_ratio` of the steps then linear
      decay to 0) for `num_epochs`, evaluates the selection split every `eval_every` steps (0:
@@ -18,7 +20,8 @@
      report splits (test) with them and saves them (Orbax, `seed_<s>/checkpoints/<best step>`);
   4. writes results.json (per seed and mean ± sample std over seeds), results.md, final_metrics.json
      (seed means, in the pretraining loop's shape for launch/sweep.py; finetune/results.py), TensorBoard
-     events under tensorboard/seed_<s>/, config.json, task.json and tokenizer/ (so `exlm_jax.load` works).
+     events under tensorboard/seed_<s>/, config.json, task.json, tokenizer/ (so `exlm_jax.load` works) and
+     run_card.json (kind 'finetune'; finetune/card.py).
 A seed whose seed_<s>/result.json exists is not run again (delete it, or the workdir, to redo it).
 """
 
@@ -39,7 +42,9 @@ import ml_collections
 import numpy as np
 
 from exlm_jax import run_store
+from exlm_jax.finetune import card as card_lib
 from exlm_jax.finetune import data as data_lib
+from exlm_jax.finetune import lengths as lengths_lib
 from exlm_jax.finetune import results as results_lib
 from exlm_jax.finetune import tasks as tasks_lib
 from exlm_jax.finetune.config import optimizer_config, validate_config
@@ -212,9 +217,6 @@ def prepare(config) -> tuple[tasks_lib.TaskData, Initialisation]:
     log.warning(msg)
     note("WARNING: " + msg)
     init = scratch_initialisation(config, task)
-  cfg = init.model_config
-  if cfg.positions != "rope2d" and config.seq_len > cfg.max_positions:
-    raise ValueError(f"seq_len={config.seq_len} exceeds the encoder's max_positions={cfg.max_positions}")
   return task, init
 
 
@@ -242,6 +244,8 @@ def _run_locked(config, workdir: str) -> dict:
   workdir.mkdir(parents=True, exist_ok=True)
   validate_config(config, jax.device_count())
   task, init = prepare(config)
+  config = lengths_lib.resolve_seq_len(config, init)  # seq_len=0: from init_from's run card (finetune/lengths.py)
+  task, length_report = lengths_lib.fit_to_length(task, init, config)
   note(f"task {task.summary()} | metrics {', '.join(task.metrics)} (selection: {task.main_metric} on "
        f"{task.selection_split}; reported: {', '.join(task.report_splits)})")
   note(f"init: {init.source} ({init.objective or 'no pretraining'}) | encoder {init.model_config.num_layers}x"
@@ -265,7 +269,7 @@ def _run_locked(config, workdir: str) -> dict:
     init.tokenizer.save(workdir / "tokenizer")
 
   fingerprint = config_fingerprint(config)
-  per_seed = []
+  per_seed, seeds_trained = [], 0
   for seed in config.seeds:
     done = workdir / f"seed_{seed}" / "result.json"
     if done.is_file():
@@ -277,6 +281,7 @@ def _run_locked(config, workdir: str) -> dict:
       per_seed.append(previous)
       continue
     result = train_seed(config, setup, task, encoded, init, int(seed), workdir, stats)
+    seeds_trained += 1
     result["config_fingerprint"] = fingerprint
     checkpoint.write_json(str(done), result)
     per_seed.append(result)
@@ -284,12 +289,15 @@ def _run_locked(config, workdir: str) -> dict:
   results = {"task": task.name, "task_type": task.task_type, "main_metric": task.main_metric,
              "selection_split": task.selection_split, "report_splits": list(task.report_splits),
              "init_from": config.init_from, "pretrain_objective": init.objective, "init_step": init.step,
-             "split_sizes": info["split_sizes"], "invalid_smiles": info["invalid_smiles"],
+             "split_sizes": info["split_sizes"], "invalid_smiles": info["invalid_smiles"], "lengths": length_report,
              "seeds": [int(s) for s in config.seeds], "per_seed": per_seed,
              "summary": results_lib.summarize(per_seed, task), "best_seed": results_lib.best_seed(per_seed, task)}
   checkpoint.write_json(str(workdir / "results.json"), results)
-  checkpoint.write_json(str(workdir / "final_metrics.json"),
-                        results_lib.final_metrics(results, total_steps, time.perf_counter() - started))
+  wall_time_s = time.perf_counter() - started
+  final = results_lib.final_metrics(results, total_steps, wall_time_s)
+  checkpoint.write_json(str(workdir / "final_metrics.json"), final)
+  if jax.process_index() == 0:
+    card_lib.write(workdir, config, init, task, encoded["train"].tokens, per_seed, seeds_trained, wall_time_s)
   markdown = results_lib.results_markdown(results)
   if jax.process_index() == 0:
     (workdir / "results.md").write_text(markdown)
