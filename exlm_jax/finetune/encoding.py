@@ -4,7 +4,8 @@
   sentence pair:   <s> A </s> </s> B </s> <pad> ...
 
 Over-long inputs are cut at the end; for pairs the longer segment loses a token first (ties: B),
-i.e. HuggingFace's 'longest_first' strategy.
+i.e. HuggingFace's 'longest_first' strategy. `example_lengths` says which inputs that cuts, before encoding
+(finetune/lengths.py counts them per split, or drops them with data.overlong='skip').
 """
 
 from __future__ import annotations
