@@ -10,6 +10,8 @@ Data: SST-2, CoLA and RTE are read offline from the shared data folder; the othe
 TFDS `glue/<task>` (TensorFlow + internet on first use). validation=carve (default) selects on a 10 %
 stratified carve of GLUE train and reports GLUE dev as `test`; validation=dev selects on GLUE dev
 and reports it, as the papers' "best dev" numbers.
+Length: seq_len (default 0) = the pretraining run card's max_example_len (a packed text run: its block
+size) rounded up to 8; init_from='' or hf: -> 128. Longer inputs are cut (data.overlong=skip drops them), counted.
 Recipe (docs/design.md §9.5): AdamW (0.9, 0.98), eps 1e-6, weight decay 0.1
 (ExLM / DinkyTrain; MAE-LM / COCO-LM use 0.01), linear decay after 6 % warm-up, dropout 0.1, no
 clipping, validation twice per epoch, 3 seeds (mean ± std). Per-task lr / batch / epochs: `get_sweep`.
@@ -32,7 +34,6 @@ def get_config(arg=None):
     raise ValueError(f"unknown GLUE task {arg.task!r}; choose one of {', '.join(config_lib.GLUE_TASKS)}")
   config = config_lib.finetune_config(task)
   config.data.validation = arg.validation
-  config.seq_len = 128
   config.learning_rate = 2e-5
   config.warmup_ratio = 0.06
   config.weight_decay = 0.1

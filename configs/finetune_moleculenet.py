@@ -12,6 +12,8 @@ Any CSV: data.path (file or $DATA/...), data.smiles_column, data.label_columns (
 data.task_type = multitask_binary (0/1 columns, empty cell = missing label, masked out of the loss;
 ROC-AUC) | regression (RMSE/MAE; targets standardised on the training split) | classification (one
 column of class ids, softmax; accuracy). Setting data.path overrides `task`.
+Length: seq_len (default 0) = the pretraining run's longest molecule (run card max_example_len) rounded up
+to 8; longer SMILES are cut (data.overlong=skip drops them), counted per split in results.json / results.md.
 Split: DeepChem's deterministic scaffold split 80/10/10 (data.split=random for a seeded random one);
 model selection on validation by the main metric, test reported at the best step, mean ± std over
 3 seeds (the Uni-Mol protocol the ExLM authors' molecular work follows; docs/design.md §9.5).
@@ -32,7 +34,6 @@ def get_config(arg=None):
                      "or task=csv with --config.data.path=FILE.csv")
   config = config_lib.finetune_config(task)
   config.data.split = "scaffold"
-  config.seq_len = 128  # as the SMILES pretraining configs
   config.batch_size = 32
   config.eval_batch_size = 128
   config.num_epochs = 20

@@ -46,6 +46,8 @@ GLUE_TASKS = ("cola", "sst2", "mrpc", "qqp", "stsb", "mnli", "qnli", "rte", "wnl
 MOLECULENET_TASKS = ("bbbp", "bace", "bace_pic50", "clintox", "tox21", "sider", "esol", "freesolv")
 SQUAD_VERSIONS = {"squad_v1": "v1.1", "squad_v2": "v2.0"}  # task name -> SQuAD version (finetune/squad/task.py)
 SQUAD_TASKS = tuple(SQUAD_VERSIONS)
+# Fine-tuning seq_len=0 without a pretraining run card to read max_example_len from (init_from='' or 'hf:PATH').
+FINETUNE_FALLBACK_SEQ_LEN = 128
 
 
 def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
@@ -286,12 +288,13 @@ def finetune_config(task: str = "sst2") -> ml_collections.ConfigDict:
       split_seed=0,  # data splits and subsampling; model seeds are `seeds`
       max_train_examples=-1,  # subsample the training split (quick runs, tests); -1 = all
       max_eval_examples=-1,  # subsample every other split; -1 = all
+      overlong="truncate",  # inputs longer than seq_len: "truncate" (cut at the end) | "skip"; counted per split
   ))
   cfg.model = ml_collections.ConfigDict(dict(dropout_rate=0.1, attention_dropout_rate=0.1, dtype="float32",
                                              remat="none"))  # overrides on the pretrained architecture
   cfg.scratch_size = "small"  # init_from="": a MODEL_SIZES entry
   cfg.scratch_vocab_size = 8000  # init_from="" on text without `tokenizer`: SentencePiece trained on the train split
-  cfg.seq_len = 128
+  cfg.seq_len = 0  # 0: the pretraining run card's max_example_len rounded up to 8 (init_from='' / hf: -> 128 above)
   cfg.batch_size = 32  # global
   cfg.eval_batch_size = 64
   cfg.num_epochs = 3

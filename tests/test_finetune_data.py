@@ -52,6 +52,24 @@ def test_pair_layout_is_fairseq_sentence_prediction():
     encoding.encode_examples([("a", "b"), "c"], tok, 8)
 
 
+def test_example_lengths_say_which_inputs_encode_examples_cuts():
+  """Untruncated slots (+2 single, +4 pair): over seq_len exactly where the padded row has no padding left and
+  its content differs from the untruncated text."""
+  tok = CharTokenizer()
+  rng = np.random.default_rng(0)
+  words = ["".join("abcdefgh"[i] for i in rng.integers(0, 8, rng.integers(1, 12))) for _ in range(40)]
+  for texts in (words, list(zip(words[::2], words[1::2]))):
+    lengths = encoding.example_lengths(texts, tok)
+    pieces = [(t,) if isinstance(t, str) else t for t in texts]
+    np.testing.assert_array_equal(lengths, [sum(map(len, p)) + 2 * len(p) for p in pieces])
+    for seq_len in (8, 12, 16):
+      tokens, truncated = encoding.encode_examples(texts, tok, seq_len)
+      content = (tokens >= vocab.NUM_SPECIAL).sum(axis=1)  # the characters kept (specials are below NUM_SPECIAL)
+      cut = content < np.array([sum(map(len, p)) for p in pieces])
+      np.testing.assert_array_equal(lengths > seq_len, cut)
+      assert truncated == cut.sum()
+
+
 def test_encoding_with_the_real_smiles_tokenizer():
   tokenizers = pytest.importorskip("exlm_jax.data.tokenizers")
   tok = tokenizers.SmilesRegexTokenizer.build(["CCO", "c1ccccc1Cl"])

@@ -3,6 +3,7 @@ end-to-end runs on real BBBP and SST-2 from tiny pretraining checkpoints (MLM on
 text), the encoder hand-off's loud failures, configs and sweeps."""
 
 import ast
+import hashlib
 import pathlib
 import json
 import logging
@@ -17,7 +18,7 @@ import pandas as pd
 import pytest
 
 import exlm_jax
-from exlm_jax import config_lib
+from exlm_jax import config_lib, run_card, run_store
 from exlm_jax.data import tokenizers, vocab
 from exlm_jax.finetune import config as ft_config
 from exlm_jax.finetune import data as ft_data
@@ -223,6 +224,29 @@ def test_bbbp_end_to_end_from_an_mlm_checkpoint(shared_data, tmp_path):
   unparsable = [i for i, s in enumerate(smiles) if Chem.MolFromSmiles(s) is None]
   assert [row for row, _ in saved["invalid_smiles"]] == unparsable and len(unparsable) > 0
   assert f"invalid SMILES left out: {len(unparsable)}" in table
+  # Inputs over seq_len, per split, as a direct tokenization of each split's SMILES counts them.
+  tok = run_store.load_tokenizer(tmp_path / "pretrain")
+  task = ft_data.load_task_data(config)
+  raw = {name: np.array([len(tok.encode(t)) + 2 for t in split.texts]) for name, split in task.splits.items()}
+  for name, counts in saved["lengths"]["splits"].items():
+    assert counts["truncated"] == (raw[name] > 48).sum() and counts["examples"] == len(raw[name])
+  assert saved["lengths"]["seq_len"] == 48 and "seq_len 48 (pretraining's max_example_len: -)" in table
+  # The run card: kind finetune, the pretraining objective and architecture, the task file's bytes.
+  card = run_card.read_card(workdir)
+  assert card["kind"] == "finetune" and card["objective"] == "mlm" and card["budget"] == "steps"
+  pretrained = json.loads((tmp_path / "pretrain" / "config.json").read_text())["model"]
+  assert card["encoder_fingerprint"] == run_card.fingerprint(run_card.architecture(run_card.encoder_fields(pretrained)))
+  csv_path = (shared_data / MOLECULENET["bbbp"].path).resolve()
+  assert card["data"]["content_sha256"] == hashlib.sha256(csv_path.read_bytes()).hexdigest()
+  assert pathlib.Path(card["data"]["path"]).resolve() == csv_path and card["data"]["records"] == 64
+  kept = np.minimum(raw["train"], 48)
+  assert card["data"]["max_example_len"] == kept.max() and card["data"]["tokenizer"] == "smiles_regex"
+  assert card["steps"] == 8 and card["tokens_seen"] == 8 * 16 * 48  # 2 seeds x 4 steps of 16 x 48 slots
+  assert card["real_tokens_seen"] == 2 * kept.sum()  # 2 seeds x 1 epoch over the training split
+  d, f, c = pretrained["d_model"], pretrained["mlp_dim"], 1
+  per_example = 3 * (48 * (8 * d * d + 4 * d * f) + 4 * 48 * 48 * d) + 3 * (2 * d * d + 2 * d * c)  # 1 layer + head
+  assert card["train_flops"] == pytest.approx(8 * 16 * per_example)
+  assert card["wall_time_s"] == pytest.approx(final["wall_time_s"])
 
   model = exlm_jax.load(workdir, devices=jax.local_devices()[:1])  # best validation seed
   assert model.kind == "finetune" and model.seed == saved["best_seed"]
@@ -249,8 +273,13 @@ def test_sst2_end_to_end_from_a_maelm_checkpoint_and_resume(shared_data, tmp_pat
   assert task_info["split_sizes"] == {"train": 48, "validation": 32, "test": 32}
   assert "| seed | best step | validation accuracy | test accuracy |" in (workdir / "results.md").read_text()
 
+  first_card = run_card.read_card(workdir)
   again = loop.run(config, str(workdir))  # finished seeds are not trained again
   assert again["per_seed"] == json.loads(json.dumps(results["per_seed"]))
+  card = run_card.read_card(workdir)  # wall time summed over the two sessions; nothing trained in the second
+  session = json.loads((workdir / "final_metrics.json").read_text())["wall_time_s"]
+  assert card["wall_time_s"] == pytest.approx(first_card["wall_time_s"] + session) and session > 0
+  assert card["steps"] == first_card["steps"] == 3 and card["real_tokens_seen"] == first_card["real_tokens_seen"]
   config.learning_rate *= 2  # ... but only for the config that produced them
   with pytest.raises(ValueError, match="different config"):
     loop.run(config, str(workdir))

@@ -3,8 +3,10 @@ Computational complexity theory, evaluate on Normans) from a tiny MLM text check
 against the official evaluation recomputed from the written prediction files and against the API's
 answer() on the saved best params, resume / rerun, the config, registry and validation errors."""
 
+import hashlib
 import json
 import math
+import pathlib
 
 import jax
 import numpy as np
@@ -13,11 +15,13 @@ import pytest
 import exlm_jax
 from exlm_jax import config_lib
 from exlm_jax.data import tokenizers
+from exlm_jax.finetune import card as ft_card
 from exlm_jax.finetune import config as ft_config
 from exlm_jax.finetune import data as ft_data
 from exlm_jax.finetune import loop
 from exlm_jax.finetune.squad import evaluate, reader
 from exlm_jax.finetune.squad import task as squad_task
+from exlm_jax.models.encoder import ModelConfig
 
 from test_api import make_pretraining_workdir  # pylint: disable=wrong-import-order
 
@@ -181,3 +185,17 @@ def test_overlapping_articles_and_wrong_versions_are_refused(shared_data):
   config.squad.train_sources = config.squad.eval_sources = SOURCES
   with pytest.raises(ValueError, match="hold SQuAD v2.0 but the task wants v1.1; use task=squad_v2"):
     ft_data.load_task(config)
+
+
+def test_run_card_fingerprints_the_squad_files_and_counts_the_span_head(shared_data, finetuned):
+  config, workdir, results = finetuned
+  card = json.loads((workdir / "run_card.json").read_text())
+  sources = ft_data.load_task(config).sources()
+  digest = hashlib.sha256(b"".join(pathlib.Path(s).read_bytes() for s in sources)).hexdigest()
+  assert card["kind"] == "finetune" and card["objective"] == "mlm" and card["data"]["content_sha256"] == digest
+  steps = sum(r["total_steps"] for r in results["per_seed"])
+  assert card["steps"] == steps
+  d, seq_len = card["encoder"]["d_model"], config.seq_len
+  encoder = card["train_flops"] / steps / config.batch_size - 3 * 2 * 2 * d * seq_len  # two D -> 1 scorers per slot
+  assert encoder == pytest.approx(ft_card.flops_per_step(
+      ModelConfig(**card["encoder"]), 1, seq_len, 0.0), rel=1e-9)

@@ -34,8 +34,10 @@ def validate_config(config, num_devices: int) -> None:
     raise ValueError(f"evals_per_epoch={config.evals_per_epoch} must be >= 1")
   if not config.seeds:
     raise ValueError("seeds is empty; give at least one, e.g. --config.seeds='(0,)'")
-  if config.seq_len < 4:
-    raise ValueError(f"seq_len={config.seq_len} leaves no room for text; use >= 4")
+  if config.seq_len != 0 and config.seq_len < 4:
+    raise ValueError(f"seq_len={config.seq_len} leaves no room for text; use >= 4 (or 0: from the pretraining run)")
+  if config.data.overlong not in ("truncate", "skip"):
+    raise ValueError(f"data.overlong={config.data.overlong!r}; choose 'truncate' (cut at the end) or 'skip'")
   unknown = sorted(set(config.model.keys()) - set(MODEL_OVERRIDES))
   if unknown:
     raise ValueError(f"config.model may only override {MODEL_OVERRIDES} of the pretrained encoder, got {unknown}")

@@ -17,6 +17,7 @@ import numpy as np
 
 from exlm_jax import config_lib
 from exlm_jax.data import vocab
+from exlm_jax.finetune import lengths as lengths_lib
 from exlm_jax.finetune import results as results_lib
 from exlm_jax.finetune import tasks as tasks_lib
 from exlm_jax.finetune.config import label_columns
@@ -41,11 +42,14 @@ class Task(Protocol):
   name, task_type; metrics (names `score` returns), main_metric (model selection, finetune/metrics.py
   `is_improvement`), selection_split, report_splits.
   summary() -> one line; tokenizer_corpus() -> (texts, 'text' | 'smiles'): what a scratch tokenizer is
-  built on; encode(tokenizer, seq_len) -> {split: Encoded} (logs what it cut or counted);
+  built on; fit_to_length(init, config) -> (task, length report for results.json or None): inputs over
+  config.seq_len counted per split and handled by config.data.overlong (finetune/lengths.py);
+  encode(tokenizer, seq_len) -> {split: Encoded} (logs what it cut or counted);
   loss_model(model_config, train) -> the steps.LossModel the trainer fine-tunes, whose `predict(batch)`
   gives the (B, ...) outputs that score(split, outputs (N, ...)) -> {metric: float} reads;
   write_predictions(directory, split, outputs) -> per-seed prediction files (may write nothing);
-  info() -> task.json fields; results_info() -> extra results.json fields.
+  info() -> task.json fields; results_info() -> extra results.json fields; sources() -> the data files (or
+  TFDS names) the run card fingerprints; head_flops(d_model, seq_len) -> forward FLOPs of the head per row.
   """
 
   name: str
@@ -59,6 +63,8 @@ class Task(Protocol):
 
   def tokenizer_corpus(self) -> tuple[list[str], str]: ...
 
+  def fit_to_length(self, init, config) -> tuple["Task", dict | None]: ...
+
   def encode(self, tokenizer, seq_len: int) -> dict[str, Encoded]: ...
 
   def loss_model(self, model_config, train: Encoded) -> steps.LossModel: ...
@@ -70,6 +76,10 @@ class Task(Protocol):
   def info(self) -> dict: ...
 
   def results_info(self) -> dict: ...
+
+  def sources(self) -> list[str]: ...
+
+  def head_flops(self, d_model: int, seq_len: int) -> float: ...
 
 
 def validate_task_config(config) -> None:
@@ -246,6 +256,10 @@ class LabelledTask:
     flat = [t for pair in texts for t in (pair if isinstance(pair, tuple) else (pair,))]
     return flat, "text" if self.data.name in tasks_lib.GLUE_TASKS else "smiles"
 
+  def fit_to_length(self, init, config) -> tuple["LabelledTask", dict]:
+    data, report = lengths_lib.fit_to_length(self.data, init, config)
+    return dataclasses.replace(self, data=data), report
+
   def encode(self, tokenizer, seq_len: int) -> dict[str, EncodedSplit]:
     return encode_task(self.data, tokenizer, seq_len, self.mean, self.std)
 
@@ -270,3 +284,11 @@ class LabelledTask:
 
   def results_info(self) -> dict:
     return {"invalid_smiles": results_lib.invalid_smiles(self.data)}
+
+  def sources(self) -> list[str]:
+    return list(dict.fromkeys(s for split in self.data.splits.values() for s in split.provenance.sources))
+
+  def head_flops(self, d_model: int, seq_len: int) -> float:
+    """The `<s>` head: dense D->D, then D->C (finetune/model.py ClassificationHead); 2 FLOPs per multiply-add."""
+    del seq_len
+    return float(2 * d_model * d_model + 2 * d_model * self.data.num_outputs)

@@ -4,7 +4,8 @@
   sentence pair:   <s> A </s> </s> B </s> <pad> ...
 
 Over-long inputs are cut at the end; for pairs the longer segment loses a token first (ties: B),
-i.e. HuggingFace's 'longest_first' strategy.
+i.e. HuggingFace's 'longest_first' strategy. `example_lengths` says which inputs that cuts, before encoding
+(finetune/lengths.py counts them per split, or drops them with data.overlong='skip').
 """
 
 from __future__ import annotations
@@ -36,6 +37,20 @@ def truncate_pair(len_a: int, len_b: int, budget: int) -> tuple[int, int]:
   if short <= budget - short:  # only the longer segment needs trimming
     return (budget - len_b, len_b) if len_a > len_b else (len_a, budget - len_a)
   return (budget + 1) // 2, budget // 2
+
+
+def example_lengths(texts: Sequence[str | tuple[str, str]], tokenizer: Tokenizer) -> np.ndarray:
+  """(N,) int64: the slots each example fills untruncated, special tokens included (+2 single, +4 pair).
+
+  An example is cut by `encode_examples(texts, tokenizer, seq_len)` exactly when its length exceeds seq_len.
+  """
+  if not texts:
+    return np.zeros((0,), np.int64)
+  encode = getattr(tokenizer, "encode_batch", None) or (lambda batch: [tokenizer.encode(t) for t in batch])
+  if isinstance(texts[0], str):
+    return np.array([len(a) + 2 for a in encode(list(texts))], np.int64)
+  firsts, seconds = encode([t[0] for t in texts]), encode([t[1] for t in texts])
+  return np.array([len(a) + len(b) + 4 for a, b in zip(firsts, seconds)], np.int64)
 
 
 def encode_examples(texts: Sequence[str | tuple[str, str]], tokenizer: Tokenizer,

@@ -13,7 +13,11 @@ from exlm_jax.models.encoder import ModelConfig
 
 @dataclasses.dataclass
 class Initialisation:
-  """What a fine-tuning run starts from. encoder None = random init (from scratch)."""
+  """What a fine-tuning run starts from. encoder None = random init (from scratch).
+
+  max_example_len: the longest example (slots, <s> and </s> included) `init_from` trained on, from its run card
+    (the default fine-tuning seq_len and the positions a learned table has seen); None without a card.
+  """
 
   model_config: ModelConfig
   tokenizer: Any
@@ -21,6 +25,7 @@ class Initialisation:
   objective: str = ""
   step: int | None = None
   source: str = ""
+  max_example_len: int | None = None
 
 
 def check_encoder_tree(encoder, model_config: ModelConfig, source: str) -> None:
@@ -52,7 +57,9 @@ def pretrained_encoder(init_from: str, overrides: dict | None = None) -> Initial
   model_config = run_store.model_config_from_run(raw, overrides)
   source = f"{location.checkpoint_dir}/{step}"
   check_encoder_tree(encoder, model_config, source)
-  return Initialisation(model_config, run_store.load_tokenizer(location.workdir), encoder, objective, step, source)
+  card = run_store.read_run_card(location.workdir) or {}
+  return Initialisation(model_config, run_store.load_tokenizer(location.workdir), encoder, objective, step, source,
+                        card.get("data", {}).get("max_example_len"))
 
 
 def hf_encoder(init_from: str, overrides: dict | None = None) -> Initialisation:

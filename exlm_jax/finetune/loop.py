@@ -13,7 +13,8 @@
   2. loads the task through the registry `finetune/data.py load_task` (a `Task`: GLUE / MoleculeNet /
      CSV as `<s> A </s> </s> B </s>` blocks of `seq_len` slots with a `<s>` head; SQuAD as question +
      context windows with a span head, finetune/squad/task.py) and encodes it with the pretraining run's
-     tokenizer;
+     tokenizer; seq_len=0 is init_from's longest training example rounded up to 8, longer inputs are truncated
+     or skipped and counted per split (`Task.fit_to_length`, finetune/lengths.py);
   3. for every seed in `config.seeds`: trains the task's loss module (`Task.loss_model`) with the one trainer
      (train/steps.py `TrainSetup`: AdamW, linear warm-up over `warmup_ratio` of the steps then linear
      decay to 0) for `num_epochs`, evaluates the selection split every `eval_every` steps (0:
@@ -22,7 +23,8 @@
      seed_<s>/predictions_<split>.json) and saves the params (Orbax, `seed_<s>/checkpoints/<best step>`);
   4. writes results.json (per seed and mean ± sample std over seeds), results.md, final_metrics.json
      (seed means, in the pretraining loop's shape for launch/sweep.py; finetune/results.py), TensorBoard
-     events under tensorboard/seed_<s>/, config.json, task.json and tokenizer/ (so `exlm_jax.load` works).
+     events under tensorboard/seed_<s>/, config.json, task.json, tokenizer/ (so `exlm_jax.load` works) and
+     run_card.json (kind 'finetune'; finetune/card.py).
 A seed whose seed_<s>/result.json exists is not run again (delete it, or the workdir, to redo it).
 """
 
@@ -41,7 +43,9 @@ import ml_collections
 import numpy as np
 
 from exlm_jax import run_store
+from exlm_jax.finetune import card as card_lib
 from exlm_jax.finetune import data as data_lib
+from exlm_jax.finetune import lengths as lengths_lib
 from exlm_jax.finetune import results as results_lib
 from exlm_jax.finetune.config import optimizer_config, validate_config
 from exlm_jax.finetune.handoff import Initialisation, pretrained_encoder, scratch_initialisation
@@ -194,9 +198,6 @@ def prepare(config) -> tuple[data_lib.Task, Initialisation]:
     log.warning(msg)
     note("WARNING: " + msg)
     init = scratch_initialisation(config, task)
-  cfg = init.model_config
-  if cfg.positions != "rope2d" and config.seq_len > cfg.max_positions:
-    raise ValueError(f"seq_len={config.seq_len} exceeds the encoder's max_positions={cfg.max_positions}")
   return task, init
 
 
@@ -219,6 +220,8 @@ def _run_locked(config, workdir: str) -> dict:
   workdir.mkdir(parents=True, exist_ok=True)
   validate_config(config, jax.device_count())
   task, init = prepare(config)
+  config = lengths_lib.resolve_seq_len(config, init)  # seq_len=0: from init_from's run card (finetune/lengths.py)
+  task, length_report = task.fit_to_length(init, config)
   note(f"task {task.summary()} | metrics {', '.join(task.metrics)} (selection: {task.main_metric} on "
        f"{task.selection_split}; reported: {', '.join(task.report_splits)})")
   note(f"init: {init.source} ({init.objective or 'no pretraining'}) | encoder {init.model_config.num_layers}x"
@@ -241,7 +244,7 @@ def _run_locked(config, workdir: str) -> dict:
     init.tokenizer.save(workdir / "tokenizer")
 
   fingerprint = config_fingerprint(config)
-  per_seed = []
+  per_seed, seeds_trained = [], 0
   for seed in config.seeds:
     done = workdir / f"seed_{seed}" / "result.json"
     if done.is_file():
@@ -253,6 +256,7 @@ def _run_locked(config, workdir: str) -> dict:
       per_seed.append(previous)
       continue
     result = train_seed(config, setup, task, encoded, init, int(seed), workdir)
+    seeds_trained += 1
     result["config_fingerprint"] = fingerprint
     checkpoint.write_json(str(done), result)
     per_seed.append(result)
@@ -260,12 +264,15 @@ def _run_locked(config, workdir: str) -> dict:
   results = {"task": task.name, "task_type": task.task_type, "main_metric": task.main_metric,
              "selection_split": task.selection_split, "report_splits": list(task.report_splits),
              "init_from": config.init_from, "pretrain_objective": init.objective, "init_step": init.step,
-             "split_sizes": info["split_sizes"], **task.results_info(),
+             "split_sizes": info["split_sizes"], **task.results_info(), "lengths": length_report,
              "seeds": [int(s) for s in config.seeds], "per_seed": per_seed,
              "summary": results_lib.summarize(per_seed, task), "best_seed": results_lib.best_seed(per_seed, task)}
   checkpoint.write_json(str(workdir / "results.json"), results)
-  checkpoint.write_json(str(workdir / "final_metrics.json"),
-                        results_lib.final_metrics(results, total_steps, time.perf_counter() - started))
+  wall_time_s = time.perf_counter() - started
+  final = results_lib.final_metrics(results, total_steps, wall_time_s)
+  checkpoint.write_json(str(workdir / "final_metrics.json"), final)
+  if jax.process_index() == 0:
+    card_lib.write(workdir, config, init, task, encoded["train"].tokens, per_seed, seeds_trained, wall_time_s)
   markdown = results_lib.results_markdown(results)
   if jax.process_index() == 0:
     (workdir / "results.md").write_text(markdown)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from exlm_jax.finetune import lengths as lengths_lib
 from exlm_jax.finetune import tasks as tasks_lib
 from exlm_jax.finetune.metrics import compute_metrics, is_improvement
 
@@ -67,6 +68,20 @@ def final_metrics(results: dict, total_steps: int, wall_time_s: float) -> dict:
           "preempted": False}
 
 
+def length_lines(report: dict | None) -> list[str]:
+  """The results.md line on seq_len and the inputs over it per split (finetune/lengths.py); [] without a report."""
+  if not report:
+    return []
+  cut = "truncated" if report["overlong"] == "truncate" else "skipped"
+  line = (f"seq_len {report['seq_len']} (pretraining's max_example_len: {report['trained_len'] or '-'}); inputs "
+          f"over it, {cut}: {lengths_lib.overlong_summary(report)}")
+  beyond = {n: c["beyond_pretraining"] for n, c in report["splits"].items() if c["beyond_pretraining"]}
+  if beyond and report["positions"] in lengths_lib.LEARNED_POSITIONS:
+    line += (f"; WARNING: {', '.join(f'{n} {k}' for n, k in beyond.items())} input(s) reach learned positions "
+             "pretraining never trained")
+  return [line]
+
+
 def results_markdown(results: dict) -> str:
   """A Markdown table: one row per seed, then mean ± std; columns = selection + report split metrics."""
   selection, report = results["selection_split"], results["report_splits"]
@@ -79,7 +94,8 @@ def results_markdown(results: dict) -> str:
            f"{len(results['seeds'])} seed(s); mean ± sample std.",
            f"splits: {results['split_sizes']}" + ("" if results["task"] in tasks_lib.GLUE_TASKS
                                                   or "invalid_smiles" not in results else
-                                                  f"; invalid SMILES left out: {len(results['invalid_smiles'])}"), "",
+                                                  f"; invalid SMILES left out: {len(results['invalid_smiles'])}"),
+           *length_lines(results.get("lengths")), "",
            "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
   for r in results["per_seed"]:
     cells = [str(r["seed"]), str(r["best_step"])] + [f"{r[kind][s][m]:.4f}" for s, kind, m in columns]

@@ -27,6 +27,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from exlm_jax import config_lib
+from exlm_jax.data import paths
+from exlm_jax.finetune import lengths as lengths_lib
 from exlm_jax.finetune.squad import decode, evaluate, reader
 from exlm_jax.finetune.squad.features import FeatureConfig, SquadFeatures, build_features
 from exlm_jax.finetune.squad.model import SquadModel
@@ -107,6 +109,12 @@ class SquadTask:
     examples = self.splits["train"].examples
     return list(dict.fromkeys(e.context for e in examples)) + [e.question for e in examples], "text"
 
+  def fit_to_length(self, init, config) -> tuple["SquadTask", None]:
+    """Nothing to cut or drop: contexts are windowed (doc_stride) and questions cut to max_query_length, both
+    counted by `encode`. A learned position table warns when its windows reach past pretraining's longest input."""
+    lengths_lib.warn_untrained_window(init, config.seq_len)
+    return self, None
+
   def encode(self, tokenizer, seq_len: int) -> dict[str, SquadFeatures]:
     if not hasattr(tokenizer, "encode_with_offsets"):
       raise ValueError(f"SQuAD needs a tokenizer with character offsets (encode_with_offsets); "
@@ -162,6 +170,15 @@ class SquadTask:
             "main_metric": self.main_metric, "selection_split": self.selection_split,
             "report_splits": list(self.report_splits), "split_sizes": {k: len(v) for k, v in self.splits.items()},
             **self.results_info()}
+
+  def sources(self) -> list[str]:
+    """The SQuAD files as local paths ($DATA/... resolved) and TFDS names, each once."""
+    named = dict.fromkeys(s for data in self.splits.values() for s in data.sources)
+    return [s if s.startswith("tfds:") else paths.resolve(s) for s in named]
+
+  def head_flops(self, d_model: int, seq_len: int) -> float:
+    """Two Linear(D -> 1) scorers (start, end) at every position; 2 FLOPs per multiply-add."""
+    return float(2 * 2 * d_model * seq_len)
 
   def results_info(self) -> dict:
     return {"articles": {k: v.titles for k, v in self.splits.items()},
