@@ -33,7 +33,6 @@ from exlm_jax import config_lib
 SHARED, PAPER = "shared", "paper"
 ENCODERS = (SHARED, PAPER)
 BASELINE, METHOD, ABLATION = "baseline", "method", "ablation"
-FAMILIES = ("exlm", "maelm")
 EQUAL_FLOPS = "equal_flops"
 # Fields that are the objective and its budget, not the recipe: never copied from the recipe to an arm.
 _NOT_RECIPE = ("objective", "budget", "matched_to")
@@ -48,15 +47,27 @@ class Suite:
   shared_family: str  # whose config is the shared encoder's recipe (--encoder shared)
   finetune_config: str
   task_names: tuple[str, ...]  # what --tasks may name
-  extra_arg: str = ""  # config argument every method config of the suite takes (e.g. max_examples)
 
 
-SUITES = {
-    "smiles": Suite("smiles", {"exlm": "configs/exlm_smiles_small.py", "maelm": "configs/maelm_smiles_small.py"},
-                    "exlm", "configs/finetune_moleculenet.py", config_lib.MOLECULENET_TASKS),
-    "text": Suite("text", {"exlm": "configs/exlm_text_small.py", "maelm": "configs/maelm_text_small.py"},
-                  "exlm", "configs/finetune_glue.py", ("sst2", "cola", "rte")),
-}
+# The method families: ExLM's encoder (rope2d, pre-LN) is the shared one, which MAE-LM and ExLM both support.
+EXLM, MAELM = "exlm", "maelm"
+FAMILIES = (EXLM, MAELM)
+_SHARED_FAMILY = EXLM
+# (suite, method family, its config file): the method configs each suite's arms start from (records, not a mapping
+# keyed by objective: which config a family uses is data of the comparison, never a branch).
+METHOD_CONFIGS = (
+    ("smiles", EXLM, "configs/exlm_smiles_small.py"), ("smiles", MAELM, "configs/maelm_smiles_small.py"),
+    ("text", EXLM, "configs/exlm_text_small.py"), ("text", MAELM, "configs/maelm_text_small.py"),
+)
+
+
+def _suite(name: str, finetune_config: str, task_names: tuple[str, ...]) -> Suite:
+  configs = {family: path for suite, family, path in METHOD_CONFIGS if suite == name}
+  return Suite(name, configs, _SHARED_FAMILY, finetune_config, task_names)
+
+
+SUITES = {"smiles": _suite("smiles", "configs/finetune_moleculenet.py", config_lib.MOLECULENET_TASKS),
+          "text": _suite("text", "configs/finetune_glue.py", ("sst2", "cola", "rte"))}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,20 +117,23 @@ class ArmSpec:
   budget: str = "steps"
   arg: str = ""  # config arguments, e.g. "k=2"
   options: tuple = ()  # ((dotted key, value), ...) of the objective's own block
+  dag_view: bool = False  # the objective aligns masked tokens to a DAG: the analyses show its DAG view
 
 
-ARM_SPECS = {
-    "mlm": ArmSpec("", "mlm", BASELINE),
-    "mlm++": ArmSpec("", "mlm", BASELINE, EQUAL_FLOPS),
-    "exlm": ArmSpec("exlm", "exlm", METHOD),
-    "maelm": ArmSpec("maelm", "maelm", METHOD),
-    "exlm_k2": ArmSpec("exlm", "exlm", ABLATION, arg="k=2"),
-    "exlm_k8": ArmSpec("exlm", "exlm", ABLATION, arg="k=8"),
-    "exlm_ctc": ArmSpec("exlm", "exlm", ABLATION, arg="transitions=ctc"),
-    "exlm_rope1d": ArmSpec("exlm", "exlm", ABLATION, arg="positions=rope1d_shared"),
-    "maelm_dec1": ArmSpec("maelm", "maelm", ABLATION, options=(("maelm.decoder_layers", 1),)),
-    "maelm_dec2": ArmSpec("maelm", "maelm", ABLATION, options=(("maelm.decoder_layers", 2),)),
-}
+# (arm name, what it trains), in --arms order. An arm named like an objective is that method's main arm.
+_ARMS = (
+    ("mlm", ArmSpec("", "mlm", BASELINE)),
+    ("mlm++", ArmSpec("", "mlm", BASELINE, EQUAL_FLOPS)),
+    ("exlm", ArmSpec(EXLM, EXLM, METHOD, dag_view=True)),
+    ("maelm", ArmSpec(MAELM, MAELM, METHOD)),
+    ("exlm_k2", ArmSpec(EXLM, EXLM, ABLATION, arg="k=2", dag_view=True)),
+    ("exlm_k8", ArmSpec(EXLM, EXLM, ABLATION, arg="k=8", dag_view=True)),
+    ("exlm_ctc", ArmSpec(EXLM, EXLM, ABLATION, arg="transitions=ctc", dag_view=True)),
+    ("exlm_rope1d", ArmSpec(EXLM, EXLM, ABLATION, arg="positions=rope1d_shared", dag_view=True)),
+    ("maelm_dec1", ArmSpec(MAELM, MAELM, ABLATION, options=(("maelm.decoder_layers", 1),))),
+    ("maelm_dec2", ArmSpec(MAELM, MAELM, ABLATION, options=(("maelm.decoder_layers", 2),))),
+)
+ARM_SPECS = dict(_ARMS)
 DEFAULT_ARMS = ("mlm", "mlm++", "maelm", "exlm")
 
 
@@ -146,8 +160,8 @@ def resolve_arms(names: Sequence[str], encoder: str) -> list[Arm]:
   if unknown:
     raise ValueError(f"unknown arm(s) {unknown}; choose from {', '.join(ARM_SPECS)} (mlm++@exlm, mlm++@maelm, and "
                      "with --encoder paper mlm@exlm, mlm@maelm)")
-  families = [ARM_SPECS[n].family for n in names if ARM_SPECS.get(n, ARM_SPECS["mlm"]).family]
-  families = list(dict.fromkeys(families)) or ["exlm"]
+  families = [ARM_SPECS[n].family for n in names if n in ARM_SPECS and ARM_SPECS[n].family]
+  families = list(dict.fromkeys(families)) or [_SHARED_FAMILY]
   arms = []
   for name in names:
     base, _, at = name.partition("@")
@@ -160,7 +174,7 @@ def resolve_arms(names: Sequence[str], encoder: str) -> list[Arm]:
     per_family = spec.budget == EQUAL_FLOPS or encoder == PAPER
     for family in ([at] if at else families if per_family else [None]):
       arm_name = f"{base}@{family}" if family else base
-      family = family or "exlm"
+      family = family or _SHARED_FAMILY
       arms.append(Arm(arm_name, family, family if encoder == PAPER else SHARED, spec))
   seen = {}
   for arm in arms:
@@ -217,7 +231,8 @@ def recipe(suite: Suite, scale: Scale, family: str) -> dict[str, Any]:
 
 
 def arm_overrides(suite: Suite, scale: Scale, arm: Arm, recipe_fields: dict[str, Any]) -> dict[str, Any]:
-  """{dotted key: value} that turn the arm's config file into the recipe (only the fields that differ), plus the
+  """{dotted key: value} that turn the arm's config file into the recipe (the fields that differ and every field the
+  scale sets, so e.g. data.packing is explicit whatever the configs' defaults), plus the
   arm's block options and, for a baseline, the method's steps at this scale in `matched_to` (MLM++: the FLOPs it
   is matched to)."""
   spec_text = config_spec(suite, scale, arm.spec, arm.family)
@@ -227,7 +242,7 @@ def arm_overrides(suite: Suite, scale: Scale, arm: Arm, recipe_fields: dict[str,
     if key not in fields:
       raise ValueError(f"{spec_text} has no field {key!r} that the recipe sets; give every method config of the "
                        f"{suite.name} suite the same fields")
-    if fields[key] != value:
+    if fields[key] != value or key in scale.pretrain:  # the scale's own settings always explicit
       overrides[key] = value
   if fields.get("matched_to.objective") and fields["matched_to.total_steps"] != recipe_fields["total_steps"]:
     overrides["matched_to.total_steps"] = recipe_fields["total_steps"]  # the method's steps at this scale
@@ -316,7 +331,8 @@ def build(suite_name: str, scale_name: str, workdir: str, arms: Sequence[str] | 
     spec_text = config_spec(suite, scale, arm.spec, arm.family)
     folder = os.path.join(workdir, "pretrain", arm_dir(arm.name))
     arm_rows.append({"name": arm.name, "family": arm.family, "group": arm.group, "objective": arm.spec.objective,
-                     "budget": arm.spec.budget, "role": arm.spec.role, "config": spec_text, "overrides": overrides,
+                     "budget": arm.spec.budget, "role": arm.spec.role, "dag_view": arm.spec.dag_view, "config": spec_text,
+                     "overrides": overrides,
                      "workdir": folder})
     runs.append(Run(f"pretrain/{arm_dir(arm.name)}", "pretrain", "main",
                     main_args(spec_text, folder, overrides), folder, arm=arm.name))
@@ -338,7 +354,7 @@ def build(suite_name: str, scale_name: str, workdir: str, arms: Sequence[str] | 
             "--allow_mismatch", "--max_sequences", str(scale.analysis_sequences), *scale.analysis_args]
     runs.append(Run(f"analysis/{group}", "analysis", "analysis", args, folder))
   for row in arm_rows:
-    if row["objective"] == "exlm":
+    if row["dag_view"]:
       data = eval_data[suite.shared_family if row["group"] == SHARED else row["group"]]
       folder = os.path.join(workdir, "analysis", f"dag_{arm_dir(row['name'])}")
       runs.append(Run(f"analysis/dag_{arm_dir(row['name'])}", "dag_view", "analysis",
