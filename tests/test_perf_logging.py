@@ -26,6 +26,13 @@ def _tiny_config():
   return config
 
 
+def _real_tokens_of_the_first_batches(config, steps: int) -> int:
+  """Non-<pad> slots of the first `steps` training batches, read again from the (cached) pipeline in numpy."""
+  from exlm_jax.data import pipeline, vocab  # pylint: disable=g-import-not-at-top
+  iterator = pipeline.load_pretraining_data(config, None).train_iterator()
+  return int(sum(np.sum(np.asarray(next(iterator)["tokens"]) != vocab.PAD) for _ in range(steps)))
+
+
 def test_trainer_logs_tflops_mfu_and_writes_profile(tmp_path, monkeypatch, capsys):
   pytest.importorskip("rdkit")
   monkeypatch.setenv("EXLM_TFDS_DIR", str(tmp_path / "tfds"))
@@ -49,6 +56,9 @@ def test_trainer_logs_tflops_mfu_and_writes_profile(tmp_path, monkeypatch, capsy
   out = capsys.readouterr().out
   assert "TFLOP/s/device" in out and "MFU" in out and "profile of steps 2-3 written" in out
   assert "real, " in out and "% of slots" in out
+  # The run card counts every real token trained on: the same batches again, from the pipeline.
+  card = json.loads((workdir / "run_card.json").read_text())
+  assert card["real_tokens_seen"] == _real_tokens_of_the_first_batches(config, config.total_steps)
   assert os.path.isdir(workdir / "tensorboard")
 
 
@@ -91,6 +101,10 @@ def test_log_window_sums_real_counts_and_averages_the_rest():
   assert perf["real_tokens_per_s"] == pytest.approx(70 / perf["step_time_s"])
   assert perf["tokens_per_s"] == pytest.approx(100 / perf["step_time_s"])
   assert recorder.written[-1][1] == "train/" and "real_tokens_per_s" in recorder.written[-1][2]
+  assert perf["real_tokens_seen"] == 140
+  window.add(3, dict(loss=np.float32(1.0), real_tokens=np.int32(50), examples=np.int32(2)))
+  window.add(4, dict(loss=np.float32(1.0), real_tokens=np.int32(40), examples=np.int32(2)))
+  assert window.perf["real_tokens_seen"] == 60 + 80 + 50 + 40  # the session so far, not the last window
   # Without counts (e.g. fine-tuning) the window reports slot throughput only.
   plain = reporting.LogWindow(1, reporting.Progress(1, 100, 0), _Recorder())
   plain.add(1, dict(loss=np.float32(1.0), real_tokens=np.int32(5)))

@@ -191,7 +191,8 @@ class LogWindow:
   REAL_COUNTS, are summed instead and go to `Progress.report` as throughput), adds `derived(means)`,
   raises FloatingPointError on a non-finite loss, prints the progress line (prefixed by `context`, with
   `perf_report`'s text) and writes the means and throughput as `train/` TensorBoard scalars. `last` and
-  `perf` hold the latest report; `evaluated` reports an evaluation.
+  `perf` hold the latest report (with `real_tokens_seen`: the real tokens of every step this session has
+  reported, what the run card sums over sessions); `evaluated` reports an evaluation.
   """
 
   def __init__(self, every: int, progress: Progress, writer: Writer,
@@ -202,6 +203,7 @@ class LogWindow:
     self.derived, self.perf_report, self.summed = derived, perf_report, summed
     self.last, self.perf = {}, {}
     self._window = []
+    self._session_counts: dict[str, int] = {}
 
   def add(self, step: int, metrics: dict, context: str = "") -> bool:
     """True when `step` was a report step."""
@@ -215,7 +217,11 @@ class LogWindow:
     if not np.isfinite(means["loss"]):
       raise FloatingPointError(f"{context + ': ' if context else ''}loss became {means['loss']} at step {step}; "
                                "lower the learning rate or set grad_clip_norm")
+    for key, value in counts.items():
+      self._session_counts[key] = self._session_counts.get(key, 0) + value
     line, perf = self.progress.report(step, means, counts, len(host))
+    if "real_tokens" in counts:
+      perf["real_tokens_seen"] = self._session_counts["real_tokens"]
     extra, text = self.perf_report(perf)
     perf.update(extra)
     note(" | ".join(part for part in (context, line, text) if part))
