@@ -700,7 +700,7 @@ def analysis_block_length(model: ExLMModel, mask_ratio: float, seq_len: int) -> 
 
 OBJECTIVE = base.register(base.Objective(
     name="exlm", title="ExLM", make_model=make_model, encoder_params=encoder_params, validate=validate,
-    options=options, copies_option="num_copies", flops=train_flops,
+    options=options, copies_option="num_copies", flops=train_flops, packed_batches=True,
     masked_log_probs=masked_log_probs,
     rank_groups=base.RankGroups(),  # the shared clean-input group only: ExLM's encoder without expansion
     dag=base.DagAnalysis(align=ExLMModel.alignment, block_length=analysis_block_length),
