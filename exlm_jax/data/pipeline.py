@@ -281,8 +281,6 @@ def _check_data_config(data_cfg) -> None:
                      "document stream) or 'documents' (one document per example)")
   if _token_mode(data_cfg) == "records" and data_cfg.get("overlong", "truncate") not in ("truncate", "skip"):
     raise ValueError(f"config.data.overlong={data_cfg.overlong!r}; choose 'truncate' or 'skip'")
-  if data_cfg.packing not in (True, False):
-    raise ValueError(f"config.data.packing={data_cfg.packing!r}; choose True (several examples per block) or False")
   max_examples = data_cfg.max_examples_per_block
   if isinstance(max_examples, bool) or not isinstance(max_examples, int) or not (max_examples == -1 or
                                                                                  max_examples >= 1):
