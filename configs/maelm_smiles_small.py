@@ -33,7 +33,7 @@ def get_config(arg=None):
   config.mask_prob = 0.15
   config.data = config_lib.data_config(
       "smiles", "$DATA/smiles/moses/train.csv.gz", column="SMILES", max_examples=arg.max_examples,
-      eval_path="$DATA/smiles/moses/test.csv.gz", packing=True)
+      eval_path="$DATA/smiles/moses/test.csv.gz", packing=True, max_examples_per_block=4)  # as exlm_smiles_small
   # MAE-LM's optimiser (docs/design.md §13.5): Adam (0.9, 0.98), eps 1e-6, decoupled wd 0.01, clip 2.0, linear decay;
   # peak LR / warm-up / horizon scaled down from 2e-4 / 10k / 2M at 2048 x 512 tokens.
   config.batch_size = 128
