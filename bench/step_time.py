@@ -121,10 +121,11 @@ def synthetic_blocks(batch: int, seq_len: int, vocab_size: int, seed: int) -> np
   return tokens
 
 
-def dag_inputs(config, groups: int, size: int):
-  """DAG inputs of the step's shapes: emit (B, G, S), trans (B, S, S) log-softmax over later vertices,
-  num_targets (B,) = m + 2, num_vertices (B,) = k (m + 2); S = k G, m = round(p n)."""
-  batch, n, k = config.batch_size, config.seq_len, size // groups
+def dag_inputs(config, rows: int, groups: int, size: int):
+  """DAG inputs of the step's shapes: emit (R, G, S), trans (R, S, S) log-softmax over later vertices,
+  num_targets (R,) = m + 2, num_vertices (R,) = k (m + 2); S = k G, m = round(p n); R = DAG rows of the batch
+  (batch x examples per block when packed)."""
+  batch, n, k = rows, config.seq_len, size // groups
   key_e, key_t = jax.random.split(jax.random.key(0))
   num_targets = jnp.full((batch,), min(round(config.mask_prob * n), groups - 2) + 2, jnp.int32)
   num_vertices = k * num_targets
@@ -194,7 +195,8 @@ class Run:
     if counted.dag == 0:
       return None
     shapes = dict(counted.shapes)
-    emit, trans, num_targets, num_vertices = dag_inputs(self.config, shapes["groups_max"], shapes["vertices_max"])
+    rows = self.config.batch_size * shapes["dag_rows"]
+    emit, trans, num_targets, num_vertices = dag_inputs(self.config, rows, shapes["dag_groups"], shapes["dag_vertices"])
     loss = lambda e, t: jnp.sum(dag.dag_loss(e, t, num_targets, num_vertices))
     fwd_bwd = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
     return median_seconds(lambda: fwd_bwd(emit, trans), repeats)

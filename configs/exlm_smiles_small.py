@@ -1,4 +1,4 @@
-"""ExLM pretraining on MOSES SMILES (one molecule per block), CPU-scale encoder.
+"""ExLM pretraining on MOSES SMILES (packed blocks: several molecules per block), CPU-scale encoder.
 
   python main.py --config configs/exlm_smiles_small.py --workdir runs/exlm_smiles_small
   python main.py --config configs/exlm_smiles_small.py:size=tiny --config.total_steps=3 --workdir /tmp/exlm_tiny
@@ -8,6 +8,9 @@
 Arguments: size=small|tiny (tiny: 2-layer width-32 encoder, 2000 molecules: for tests), k (states per
 expanded group), transitions=dag|ctc, positions=rope2d|rope1d_shared, max_examples.
 Optimisation and data match mlm_smiles_small.py so MLM vs ExLM differ only in the objective.
+Packed blocks (`data.packing`): a MOSES molecule is ~38 of the 128 slots, so a block holds ~3 of them (0.87
+of its slots real); each is masked, expanded, attended and scored as if alone. `--config.data.packing=false`
+gives one molecule per block (padded, 0.29 of the slots real).
 Sweeps (`get_sweep`): `k` (default) over the paper's k in {2, 4, 8}; `mask` over mask ratios {0.15, 0.3, 0.45,
 0.6} (as for MLM); `ablations` over the rows of the paper's
 ablation table that are ExLM switches (docs/design.md §4.5, §12.4).
@@ -29,7 +32,10 @@ def get_config(arg=None):
   config.exlm = ml_collections.ConfigDict(dict(num_copies=arg.k, transitions=arg.transitions, positions=arg.positions))
   config.data = config_lib.data_config(
       "smiles", "$DATA/smiles/moses/train.csv.gz", column="SMILES", max_examples=arg.max_examples,
-      eval_path="$DATA/smiles/moses/test.csv.gz")
+      eval_path="$DATA/smiles/moses/test.csv.gz", packing=True,
+      # The greedy pass puts at most 5 of the first 200k molecules in a block; capping at 4 closes 25 of 66,856
+      # blocks early (slot utilisation unchanged, 0.872) and cuts ExLM's static shapes (-6.5 % FLOPs per step).
+      max_examples_per_block=4)
   config.seq_len = 128
   config.mask_prob = 0.15
   # ExLM's optimiser (docs/design.md §12.5): Adam (0.9, 0.98), eps 1e-6, decoupled wd 0.01, no clipping, linear

@@ -1,4 +1,4 @@
-"""MAE-LM pretraining on MOSES SMILES (one molecule per block), CPU-scale encoder.
+"""MAE-LM pretraining on MOSES SMILES (packed blocks: several molecules per block), CPU-scale encoder.
 
   python main.py --config configs/maelm_smiles_small.py --workdir /tmp/maelm_smiles
   python main.py --config configs/maelm_smiles_small.py:size=tiny --config.total_steps=3 --workdir /tmp/maelm_tiny
@@ -27,11 +27,13 @@ def get_config(arg=None):
   config.model.update(pre_ln=False, positions=arg.positions, embed_layernorm=True,
                       max_positions=128, rel_pos_bins=64, max_rel_pos=128)
   config.maelm = ml_collections.ConfigDict()  # the released recipe: every default
-  config.seq_len = 64  # MOSES SMILES are at most 57 characters, so every molecule fits with <s> and </s>
+  # Packed blocks of 128 slots: ~3 MOSES molecules (<= 53 tokens with <s> and </s>) per block, 0.87 of the slots
+  # real (0.61 at 64 slots); each is compacted, encoded and decoded as if alone. data.packing=false: one per block.
+  config.seq_len = 128
   config.mask_prob = 0.15
   config.data = config_lib.data_config(
       "smiles", "$DATA/smiles/moses/train.csv.gz", column="SMILES", max_examples=arg.max_examples,
-      eval_path="$DATA/smiles/moses/test.csv.gz")
+      eval_path="$DATA/smiles/moses/test.csv.gz", packing=True, max_examples_per_block=4)  # as exlm_smiles_small
   # MAE-LM's optimiser (docs/design.md §13.5): Adam (0.9, 0.98), eps 1e-6, decoupled wd 0.01, clip 2.0, linear decay;
   # peak LR / warm-up / horizon scaled down from 2e-4 / 10k / 2M at 2048 x 512 tokens.
   config.batch_size = 128

@@ -9,7 +9,8 @@
 `method` (exlm | maelm; default: `objective` unless that is mlm, then exlm) sets the encoder and recipe;
 `objective` (default: the method) other than the method gives its matched baseline (config_lib.matched_baseline).
 
-Data: rdkit.RDConfig.RDDataDir/NCI/first_5K.smi (5,000 molecules; nothing to download).
+Data: rdkit.RDConfig.RDDataDir/NCI/first_5K.smi (5,000 molecules; nothing to download), packed several to a
+block of 128 slots (`data.packing`; each molecule is masked, attended and scored as if alone).
 Takes a few minutes on 2 CPU cores; writes checkpoints, TensorBoard events and final metrics.
 """
 
@@ -28,8 +29,11 @@ def get_config(arg=None):
     config.model.update(pre_ln=False, positions="absolute+relbias", embed_layernorm=True, max_positions=512)
     config.maelm = ml_collections.ConfigDict(dict(decoder_layers=2))
   config.model.num_layers, config.model.d_model, config.model.num_heads, config.model.mlp_dim = 2, 128, 4, 512
-  config.data = config_lib.data_config("smiles", "rdkit:NCI/first_5K.smi", eval_fraction=0.05)
-  config.seq_len = 96
+  # Some NCI molecules are tiny (the greedy pass puts up to 9 in a block, 3.4 on average): capping at 6 closes 42 of
+  # 1,380 blocks early (slot utilisation 0.855 -> 0.849) and cuts ExLM's static shapes by 19 % of its FLOPs.
+  config.data = config_lib.data_config("smiles", "rdkit:NCI/first_5K.smi", eval_fraction=0.05, packing=True,
+                                       max_examples_per_block=6)
+  config.seq_len = 128
   config.batch_size = 32
   config.total_steps = arg.steps
   config.warmup_steps = 30

@@ -9,6 +9,7 @@ Arguments: k (copies per token), fixed=corrupted (p = ratio^(1/k): corrupted-sem
 masked copies the loss covers, see exlm_jax/objectives/repeated_mlm.py), size, max_examples.
 Optimisation and data as mlm_smiles_small.py; seq_len 64 holds every MOSES molecule (<= 51 tokens), so
 the model sees 2 + 62 k slots. The train metrics `unreal_ratio` and `corrupted_ratio` are measured.
+One molecule per block (`data.packing=false`): the pilot repeats whole blocks and does not take packed batches.
 """
 
 import ml_collections
@@ -38,7 +39,7 @@ def get_config(arg=None):
   config.mask_prob = mask_prob(arg.fixed, arg.ratio, arg.k)
   config.data = config_lib.data_config(
       "smiles", "$DATA/smiles/moses/train.csv.gz", column="SMILES", max_examples=arg.max_examples,
-      eval_path="$DATA/smiles/moses/test.csv.gz")
+      eval_path="$DATA/smiles/moses/test.csv.gz", packing=False)
   config.seq_len = 64
   config.batch_size = 64
   config.total_steps = 5000

@@ -173,7 +173,7 @@ def model_config(size: str = "small", **overrides) -> ml_collections.ConfigDict:
 def data_config(name: str = "smiles", path: str = "", **overrides) -> ml_collections.ConfigDict:
   """Where pretraining data comes from and how it is tokenized (see exlm_jax/data/pipeline.py)."""
   cfg = ml_collections.ConfigDict(dict(
-      name=name,  # "smiles" (one molecule per block) | "text" (documents packed into blocks)
+      name=name,  # "smiles" (molecules) | "text" (documents)
       path=path,  # local file, "$DATA/..." (shared data folder), "rdkit:NCI/first_5K.smi", or a URL
       eval_path="",  # held-out file; empty = hold out `eval_fraction` of the records of `path`
       eval_fraction=0.02,
@@ -183,7 +183,17 @@ def data_config(name: str = "smiles", path: str = "", **overrides) -> ml_collect
       vocab_size=8000,  # sentencepiece / BPE only
       spm_max_sentences=500_000,  # sentencepiece / BPE: train on at most this many (sampled) records
       max_examples=-1,  # read at most this many records per file (quick runs, tests); -1 = all
-      overlong="truncate",  # SMILES longer than a block: "truncate" | "skip" (counted either way)
+      overlong="truncate",  # SMILES / documents longer than a block: "truncate" | "skip" (counted either way)
+      # text only: "stream" (documents joined by </s>, cut into seq_len windows) | "documents" (each document
+      # is one example like a molecule: truncated or skipped by `overlong`, packed with `packing`)
+      text_units="stream",
+      # Several complete examples per block, each <s> ... </s> with its own segment id and positions from 0;
+      # attention, masking and the loss stay per example (fairseq's token-budget batching, without its
+      # variable shapes). False = one example per block, padded (text_units='stream' fills blocks anyway).
+      packing=False,
+      # The most examples one block holds (the objectives' static bounds); a block reaching it is closed
+      # early (counted). -1 = the most an uncapped greedy pass over the corpus puts in one block.
+      max_examples_per_block=-1,
       validate_smiles=False,  # parse every SMILES with RDKit; unparsable ones are counted and skipped
       tfds_dir="",  # where TFDS builds datasets; empty = $EXLM_TFDS_DIR or ~/tensorflow_datasets
       num_workers=0,  # Grain worker processes (0 = in-process)

@@ -87,9 +87,13 @@ def runs(tmp_path_factory):
     else:
       os.environ["EXLM_TFDS_DIR"] = old
   tokenizer = run_store.load_tokenizer(root / "mlm")
+  # The quickstart packs its blocks: the same data resolves the same examples-per-block bound for every run.
+  bound = run_store.read_json(root / "mlm" / run_store.CONFIG_FILE)["data"]["max_examples_per_block"]
   out = {"mlm": str(root / "mlm")}
   for objective in ("maelm", "exlm"):
-    out[objective] = _random_workdir(root / objective, _tiny_config(objective), tokenizer)
+    config = _tiny_config(objective)
+    config.data.max_examples_per_block = bound
+    out[objective] = _random_workdir(root / objective, config, tokenizer)
   _write_missing_cards(out, tokenizer)
   return out
 

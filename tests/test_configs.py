@@ -171,6 +171,8 @@ def test_override_types_values_like_their_field():
       ("model.positions", "absolute+relbias", "absolute+relbias"), ("finetune_like.seeds", "(0,)", (0,)),
       ("finetune_like.seeds", "3,4", (3, 4)), ("finetune_like.seeds", "5", (5,)),
       ("logical_axis_rules", "(('embed', 'fsdp'),)", (("embed", "fsdp"),)),
+      ("data.packing", "true", True), ("data.max_examples_per_block", "6", 6),
+      ("data.text_units", "documents", "documents"),
   ]:
     config_lib.override(config, key, text)
     node = config
@@ -274,6 +276,21 @@ def test_the_minimum_block_is_valid_for_every_objective(objective):
   assert loss_sum.shape == weight.shape == ()
   with pytest.raises(ValueError, match="use >= 3"):
     loop.validate_config(_config(objective, seq_len=vocab.MIN_BLOCK_LEN - 1), num_devices=8)
+
+
+def test_packing_is_refused_up_front_for_an_objective_without_packed_batches():
+  """Objectives flagged `packed_batches` pass validation packed; any other is refused in one line."""
+  packs = {name for name in objectives.names() if objectives.get(name).packed_batches}
+  assert {"mlm", "maelm", "exlm"} <= packs
+  for name in objectives.names():
+    config = _config(name)
+    config.data.packing = True
+    if name in packs:
+      loop.validate_config(config, num_devices=8)
+      continue
+    with pytest.raises(ValueError) as err:
+      loop.validate_config(config, num_devices=8)
+    assert "--config.data.packing=false" in str(err.value) and "\n" not in str(err.value)
 
 
 def test_vocabulary_is_the_only_check_after_the_tokenizer():

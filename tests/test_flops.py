@@ -79,12 +79,30 @@ def _packed(config, max_examples):
   return config
 
 
-def test_packed_mlm_static_count_matches_traced_matmuls():
-  """With packing the step's static shapes grow by the per-example bound (M_max + E - 1 masked slots)."""
-  config = _packed(_cheap_config("mlm"), 5)
+@pytest.mark.parametrize("objective,block", [("mlm", {}), ("maelm", {"decoder_layers": 1}),
+                                             ("exlm", {"num_copies": 4}), ("exlm", {"num_copies": 2, "transitions": "ctc"})])
+def test_packed_static_count_matches_traced_matmuls(objective, block):
+  """With packing the step's static shapes grow with the examples per block X (M_max + X - 1 masked slots;
+  ExLM: the block's expanded length and vertices for X examples, X DAG rows of one example's bounds), and the
+  analytic count of the packed config is the traced packed step's matmuls."""
+  config = _packed(_cheap_config(objective, **block), 5)
   counted = flops.breakdown(config)
-  assert dict(counted.shapes)["masked_max"] == 5 + 4
   assert flops.dot_flops(_traced(_setup(config)).jaxpr) == pytest.approx(counted.matmul, rel=1e-9)
+  assert counted.matmul > flops.breakdown(_cheap_config(objective, **block)).matmul  # one-example bounds
+  shapes = dict(counted.shapes)
+  assert shapes["masked_max" if objective != "exlm" else "groups_max"] == (
+      math.ceil(0.15 * 32) + 5 - 1 + (2 * 5 if objective == "exlm" else 0))
+
+
+def _exlm_by_hand(length, m, k):
+  """Training FLOPs of one ExLM example (DAG transitions) alone in a block of `length` slots, written out:
+  G = ceil(0.15 L) + 2 groups, the encoder on L + (k - 1) G slots, LM head and link head on k G vertices, the DP."""
+  d, f, v, h, layers = m.d_model, m.mlp_dim, m.vocab_size, m.num_heads, m.num_layers
+  groups = min(math.ceil(0.15 * length) + 2, length)
+  slots, vertices = length + (k - 1) * groups, k * groups
+  encoder = 3 * layers * (slots * (8 * d * d + 4 * d * f) + 4 * slots**2 * d)
+  heads = 3 * vertices * (2 * d * d + 2 * d * v) + 3 * (vertices * 2 * 2 * d * (2 * d + h) + 2 * vertices**2 * d)
+  return encoder + heads + 12 * (groups - 1) * vertices**2
 
 
 def _with_seq_len(config, length):
@@ -121,6 +139,22 @@ def test_real_mlm_flops_by_hand():
   config = _packed(_config("mlm"), 4)
   assert flops.real_train_flops_per_step(config, 30 * 37, 30) == pytest.approx(30 * _mlm_by_hand(37, config.model),
                                                                                rel=1e-12)
+
+
+def test_real_and_static_packed_exlm_flops_by_hand():
+  """Packed ExLM (k=4, X=4): real FLOPs are per example at its own length (30 examples of 37 slots); the
+  static count is the block's bounds for 4 examples, well above the real work."""
+  config = _packed(_config("exlm", num_copies=4), 4)
+  m = config.model
+  assert flops.real_train_flops_per_step(config, 30 * 37, 30) == pytest.approx(30 * _exlm_by_hand(37, m, 4), rel=1e-12)
+  d, f, v, h, layers, n, x = m.d_model, m.mlp_dim, m.vocab_size, m.num_heads, m.num_layers, 128, 4
+  groups, row_groups = math.ceil(0.15 * n) + x - 1 + 2 * x, math.ceil(0.15 * n) + 2  # block, one example's DAG
+  slots, vertices, row_vertices = n + 3 * groups, 4 * groups, 4 * row_groups
+  static = (3 * layers * (slots * (8 * d * d + 4 * d * f) + 4 * slots**2 * d) + 3 * vertices * (2 * d * d + 2 * d * v)
+            + x * 3 * (row_vertices * 2 * 2 * d * (2 * d + h) + 2 * row_vertices**2 * d)
+            + x * 12 * (row_groups - 1) * row_vertices**2)
+  assert flops.breakdown(config).total / config.batch_size == pytest.approx(static, rel=1e-12)
+  assert flops.real_train_flops_per_step(config, 30 * 37, 30) < flops.train_flops_per_step(config)
 
 
 def test_component_formulas():

@@ -60,15 +60,17 @@ def test_mlm_baselines_are_their_method_configs_with_objective_mlm(baseline_file
 @pytest.mark.parametrize("config_file,method", METHOD_CONFIGS[:4])
 def test_equal_flops_resolution_is_the_flops_ratio(config_file, method):
   """total_steps of MLM++ = round(F_method * steps / F_mlm), F from the method's own (independently loaded)
-  config and the baseline's, at the same vocabulary."""
-  vocab_size = 600
-  method_config = config_lib.load(f"configs/{config_file}")
-  mlmpp = config_lib.load(_spec(config_file, f"objective={BASELINE},budget=equal_flops"))
-  for config in (method_config, mlmpp):
-    config.model.vocab_size = vocab_size
+  config and the baseline's, at the same vocabulary (packed configs: the same resolved examples-per-block)."""
+  def as_prepared(config):  # what loop.prepare fills in from the data
+    config = loop.with_vocab_size(config, 600)
+    if config.data.packing:
+      config.data.max_examples_per_block = 5
+    return config
+
+  method_config = as_prepared(config_lib.load(f"configs/{config_file}"))
+  mlmpp = as_prepared(config_lib.load(_spec(config_file, f"objective={BASELINE},budget=equal_flops")))
   f_method = flops.train_flops_per_step(method_config)
-  f_mlm = flops.train_flops_per_step(loop.with_vocab_size(config_lib.load(_spec(config_file, f"objective={BASELINE}")),
-                                                          vocab_size))
+  f_mlm = flops.train_flops_per_step(as_prepared(config_lib.load(_spec(config_file, f"objective={BASELINE}"))))
   resolved = flops.resolve_budget(mlmpp)
   assert resolved.total_steps == round(f_method * method_config.total_steps / f_mlm)
   assert resolved.total_steps > method_config.total_steps  # both methods cost more per step than MLM

@@ -468,12 +468,15 @@ def test_pipeline_text_stream_with_packing_is_one_segment_per_window(tmp_path, s
 
 
 def test_pipeline_config_errors(tmp_path):
-  for key, value, match in (("text_units", "sentences", "choose 'stream'"), ("packing", "yes", "data.packing"),
+  for key, value, match in (("text_units", "sentences", "choose 'stream'"),
                             ("max_examples_per_block", 0, "integer >= 1, or -1")):
     cfg = _config(tmp_path, "text", "$DATA/text/agnews/dev.tsv", **{key: value})
     with pytest.raises(ValueError, match=match):
       pipeline.load_pretraining_data(cfg, str(tmp_path / "wd"))
   assert not (tmp_path / "tfds").exists()
+  # data.packing is a bool key of config_lib.data_config: anything else is refused where it is set.
+  with pytest.raises(ValueError, match="--config.data.packing=.yes. must be true or false"):
+    config_lib.override(_config(tmp_path, "smiles", "unused"), "data.packing", "yes")
 
 
 # ----------------------------------------------------------------------------------------------

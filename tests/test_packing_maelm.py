@@ -273,8 +273,6 @@ def test_maelm_make_model_reads_max_examples_from_the_data_config():
   assert maelm.make_model(config, True).max_examples == 7
   config.data.packing = False
   assert maelm.make_model(config, True).max_examples == 1
-  del config["data"]
-  assert maelm.make_model(config, True).max_examples == 1
   for value in (-1, 0):
     config = _config("rope2d", True)
     config.data.max_examples_per_block = value

@@ -276,14 +276,12 @@ def _check_data_config(data_cfg) -> None:
                      f"choose one of {', '.join(tokenizers.KINDS)}")
   if data_cfg.tokenizer == "smiles_regex" and data_cfg.name != "smiles":
     raise ValueError("tokenizer 'smiles_regex' reads SMILES only; for data.name='text' use 'sentencepiece'")
-  if data_cfg.name == "text" and data_cfg.get("text_units", "stream") not in ("stream", "documents"):
+  if data_cfg.name == "text" and data_cfg.text_units not in ("stream", "documents"):
     raise ValueError(f"config.data.text_units={data_cfg.text_units!r}; choose 'stream' (windows of the "
                      "document stream) or 'documents' (one document per example)")
   if _token_mode(data_cfg) == "records" and data_cfg.get("overlong", "truncate") not in ("truncate", "skip"):
     raise ValueError(f"config.data.overlong={data_cfg.overlong!r}; choose 'truncate' or 'skip'")
-  if data_cfg.get("packing", False) not in (True, False):
-    raise ValueError(f"config.data.packing={data_cfg.packing!r}; choose True (several examples per block) or False")
-  max_examples = data_cfg.get("max_examples_per_block", -1)
+  max_examples = data_cfg.max_examples_per_block
   if isinstance(max_examples, bool) or not isinstance(max_examples, int) or not (max_examples == -1 or
                                                                                  max_examples >= 1):
     raise ValueError(f"config.data.max_examples_per_block={max_examples!r}; use an integer >= 1, or -1 for "
@@ -292,7 +290,7 @@ def _check_data_config(data_cfg) -> None:
 
 def _token_mode(data_cfg) -> str:
   """'records' (one token span per molecule / document) or 'stream' (text documents joined by </s>)."""
-  if data_cfg.name == "smiles" or data_cfg.get("text_units", "stream") == "documents":
+  if data_cfg.name == "smiles" or data_cfg.text_units == "documents":
     return "records"
   return "stream"
 
@@ -314,7 +312,7 @@ def load_pretraining_data(config, workdir: str | None) -> PretrainingData:
     raise ValueError(f"config.seq_len={seq_len} leaves no room for content between <s> and </s>; "
                      f"use >= {vocab.MIN_BLOCK_LEN}")
   _check_data_config(data_cfg)
-  packing = bool(data_cfg.get("packing", False))
+  packing = bool(data_cfg.packing)
   corpus = builders.build_corpus(data_cfg)
   tok = _tokenizer_for_run(data_cfg, corpus, workdir)
   mode = _token_mode(data_cfg)
@@ -323,7 +321,7 @@ def load_pretraining_data(config, workdir: str | None) -> PretrainingData:
   summary.update(vocab_size=tok.vocab_size, tokenizer=tok.kind, seq_len=seq_len, token_cache=directory,
                  skipped_untokenizable=0, truncated_overlong=0, skipped_overlong=0, packing=packing)
   if data_cfg.name == "text":
-    summary["text_units"] = data_cfg.get("text_units", "stream")
+    summary["text_units"] = data_cfg.text_units
   splits = ("train", "eval")
   blocks, keep, sizes = {}, {}, {}
   for split in splits:
@@ -345,7 +343,7 @@ def load_pretraining_data(config, workdir: str | None) -> PretrainingData:
       blocks[split] = TextBlocks(directory, split, seq_len, with_segments=packing)
   max_examples = 1
   if packing and mode == "records":
-    tables, info = pack_tables(directory, keep, sizes, seq_len, int(data_cfg.get("max_examples_per_block", -1)),
+    tables, info = pack_tables(directory, keep, sizes, seq_len, int(data_cfg.max_examples_per_block),
                                data_cfg.overlong)
     max_examples = info["max_examples_per_block"]
     for split in splits:

@@ -114,6 +114,8 @@ class Objective:
   exports_masked_lm: its prediction rule is a plain masked-LM head on the encoder (exported as
     `...ForMaskedLM`); False = the encoder is exported alone and `export_note` says what is left out.
   export_note: the model card's sentence on what the exported encoder cannot do without this objective.
+  packed_batches: its model also takes the packed-block dict (objectives/segments.py, `data.packing`) and
+    computes every example as if alone; False = bare (B, n) token arrays only (packing is refused up front).
   """
 
   name: str
@@ -129,6 +131,7 @@ class Objective:
   dag: DagAnalysis | None = None
   exports_masked_lm: bool = False
   export_note: str = ""
+  packed_batches: bool = False
 
   def __post_init__(self):
     if self.encoder_params is None:
@@ -210,10 +213,9 @@ def model_config(config: ml_collections.ConfigDict, **overrides) -> ModelConfig:
 def max_examples_per_block(config: ml_collections.ConfigDict) -> int:
   """The most examples one block holds (the static bound of per-example masking, compaction and expansion):
   `data.max_examples_per_block` with `data.packing` on, else 1."""
-  data = config.get("data", None) or {}
-  if not data.get("packing", False):
+  if not config.data.packing:
     return 1
-  value = data.get("max_examples_per_block", -1)
+  value = config.data.max_examples_per_block
   if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
     raise ValueError(f"config.data.max_examples_per_block={value!r} with data.packing on: the model needs the "
                      "resolved bound (an integer >= 1); load the data first (it writes the value back) or set it")

@@ -669,21 +669,28 @@ def dag_train(num_targets: int, num_vertices: int) -> float:
 
 
 def train_flops(config: ml_collections.ConfigDict, include_remat: bool) -> flops.Breakdown:
-  """One sequence: the encoder on L_max expanded slots, the LM head at the S_max = k G_max vertices, and
-  with transitions='dag' the link head on them plus the DAG dynamic programme (elementwise, quadratic in S)."""
-  m, n = config.model, config.seq_len
+  """One block, at the static bounds the model allocates for X = base.max_examples_per_block examples
+  (X = 1 unpacked): the encoder on L_max(X) = n + (k - 1) G_max(X) expanded slots, the LM head at the block's
+  S_max(X) = k G_max(X) vertices and, with transitions='dag', X per-example DAG rows of the one-example bounds
+  G1 = G_max(1), S1 = k G1: the link head on each row's S1 vertices plus its DAG dynamic programme
+  (elementwise, quadratic in S1)."""
+  m, n, p = config.model, config.seq_len, config.mask_prob
   opts = options(config)
   k = int(opts.num_copies)
-  groups = max_groups(config.mask_prob, n)
-  length = max_expanded_length(config.mask_prob, n, k)
-  vertices = k * groups
+  examples = base.max_examples_per_block(config)
+  groups = max_groups(p, n, examples)
+  length = max_expanded_length(p, n, k, examples)
+  vertices = max_vertices(p, n, k, examples)
+  row_groups, row_vertices = max_groups(p, n), max_vertices(p, n, k)  # each example's own DAG row
   with_dag = opts.transitions == "dag"
   return flops.Breakdown(
       encoder=flops.model_encoder_train(m, length, include_remat),
       lm_head=3 * flops.lm_head_forward(vertices, m.d_model, m.vocab_size),
-      transition_head=3 * transition_head_forward(vertices, m.d_model, m.num_heads) if with_dag else 0.0,
-      dag=dag_train(groups, vertices) if with_dag else 0.0,
-      shapes=(("seq_len", n), ("expanded_len", length), ("groups_max", groups), ("vertices_max", vertices)))
+      transition_head=examples * 3 * transition_head_forward(row_vertices, m.d_model, m.num_heads) if with_dag else 0.0,
+      dag=examples * dag_train(row_groups, row_vertices) if with_dag else 0.0,
+      shapes=(("seq_len", n), ("examples_max", examples), ("expanded_len", length), ("groups_max", groups),
+              ("vertices_max", vertices), ("dag_rows", examples), ("dag_groups", row_groups),
+              ("dag_vertices", row_vertices)))
 
 
 def analysis_block_length(model: ExLMModel, mask_ratio: float, seq_len: int) -> int:
@@ -700,7 +707,7 @@ def analysis_block_length(model: ExLMModel, mask_ratio: float, seq_len: int) -> 
 
 OBJECTIVE = base.register(base.Objective(
     name="exlm", title="ExLM", make_model=make_model, encoder_params=encoder_params, validate=validate,
-    options=options, copies_option="num_copies", flops=train_flops,
+    options=options, copies_option="num_copies", flops=train_flops, packed_batches=True,
     masked_log_probs=masked_log_probs,
     rank_groups=base.RankGroups(),  # the shared clean-input group only: ExLM's encoder without expansion
     dag=base.DagAnalysis(align=ExLMModel.alignment, block_length=analysis_block_length),

@@ -467,7 +467,7 @@ def rank_groups(hidden_states, tokens: np.ndarray, selection) -> dict:
 
 OBJECTIVE = base.register(base.Objective(
     name="maelm", title="MAE-LM", make_model=make_model, encoder_params=encoder_params, validate=validate,
-    options=options, flops=train_flops, masked_log_probs=masked_log_probs,
+    options=options, flops=train_flops, masked_log_probs=masked_log_probs, packed_batches=True,
     rank_groups=base.RankGroups(rank_groups),
     export_note=("MAE-LM predicts masked tokens with its decoder on top of this encoder; the decoder and LM head "
                  "are not exported, so this folder gives encoder states (for fine-tuning / features), not mask "

@@ -140,7 +140,7 @@ def rank_groups(hidden_states, tokens: np.ndarray, selection) -> dict:
 
 OBJECTIVE = base.register(base.Objective(
     name="mlm", title="MLM", make_model=make_model, flops=train_flops, masked_log_probs=masked_log_probs,
-    exports_masked_lm=True, options=options,
+    exports_masked_lm=True, options=options, packed_batches=True,
     rank_groups=base.RankGroups(
         rank_groups, headline={"masked_input": "masked_input/real"},
         mask_subspace=(base.CLEAN_INPUT, "masked_input/mask", "masked_input/real"))))

@@ -97,8 +97,7 @@ def _one_example_blocks(config, length: int):
   """`config` with blocks of `length` slots holding one example each."""
   config = ml_collections.ConfigDict(config.to_dict())
   config.seq_len = int(length)
-  if "data" in config:
-    config.data.packing = False
+  config.data.packing = False
   return config
 
 

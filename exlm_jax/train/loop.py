@@ -67,6 +67,10 @@ def validate_config(config, num_devices: int, process_count: int = 1) -> None:
   if config.batch_size % unit:
     raise ValueError(f"batch_size={config.batch_size} must be divisible by data-parallel size {dp} x "
                      f"grad_accum_steps {config.grad_accum_steps} = {unit}")
+  if config.data.packing and not objective.packed_batches:
+    packs = ", ".join(name for name in objectives.names() if objectives.get(name).packed_batches)
+    raise ValueError(f"data.packing=True: objective {config.objective!r} takes one example per block only; "
+                     f"set --config.data.packing=false (objectives that pack: {packs})")
   if config.batch_size % process_count:
     raise ValueError(f"batch_size={config.batch_size} must be divisible by the {process_count} processes")
   # The model's own checks (heads, dtype, remat, ...) and the objective's, with a stand-in vocabulary

@@ -113,7 +113,7 @@ def objective_loss(config) -> LossModel:
 
 def packed(config) -> bool:
   """Whether a pretraining config's batches are packed-block dicts (`config.data.packing`)."""
-  return bool((config.get("data", None) or {}).get("packing", False))
+  return bool(config.data.packing)
 
 
 def pipeline_batch(batch: Mapping[str, Any], packing: bool):
