@@ -35,6 +35,7 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
+from exlm_jax import config_lib
 from exlm_jax.models.encoder import ModelConfig
 
 log = logging.getLogger(__name__)
@@ -186,9 +187,19 @@ def _locate(workdir: pathlib.Path, checkpoint_dir: pathlib.Path | None, step: in
 # ----------------------------------------------------------------------------------------------
 
 
+def read_config(workdir) -> dict:
+  """workdir/config.json. A pretraining run saved before a `data` key existed (e.g. data.packing) gets that key's
+  default from config_lib.data_config, which is how such a run was trained (absent keys were read as it)."""
+  raw = read_json(pathlib.Path(workdir) / CONFIG_FILE)
+  data = raw.get("data")
+  if "finetune" not in raw and isinstance(data, dict) and "name" in data:
+    raw["data"] = {**config_lib.data_config(data["name"]).to_dict(), **data}
+  return raw
+
+
 def run_config(location: RunLocation) -> ml_collections.ConfigDict:
-  """The run's config.json as a ConfigDict."""
-  return ml_collections.ConfigDict(read_json(location.workdir / CONFIG_FILE))
+  """The run's config.json as a ConfigDict (`read_config`)."""
+  return ml_collections.ConfigDict(read_config(location.workdir))
 
 
 def pretrain_objective(location: RunLocation) -> str:

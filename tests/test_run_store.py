@@ -65,3 +65,23 @@ def test_write_json_only_on_process_zero(tmp_path, monkeypatch):
   monkeypatch.setattr(run_store.jax, "process_index", lambda: 1)
   run_store.write_json(tmp_path / "x.json", {"a": 1})
   assert not (tmp_path / "x.json").exists()
+
+
+def test_a_run_saved_before_a_data_key_existed_reads_as_it_was_trained(tmp_path):
+  """config.json written before data.packing / max_examples_per_block / text_units: those keys read as their
+  defaults (blocks of one molecule), so loading and resuming such a run see no change."""
+  from exlm_jax import config_lib  # pylint: disable=g-import-not-at-top
+  from exlm_jax.train import resume  # pylint: disable=g-import-not-at-top
+  config = config_lib.load("configs/exlm_smiles_small.py:size=tiny")
+  config.data.packing, config.data.max_examples_per_block = False, -1  # as every run of that time
+  old = config.to_dict()
+  for key in ("packing", "max_examples_per_block", "text_units"):
+    del old["data"][key]
+  (tmp_path / run_store.CONFIG_FILE).write_text(json.dumps(old))
+  (tmp_path / run_store.CHECKPOINTS_DIR / "5").mkdir(parents=True)
+  read = run_store.read_config(tmp_path)
+  assert read["data"] == config.to_dict()["data"]
+  assert resume.check_config(tmp_path, config) == {}
+  config.data.packing = True  # a real change is still refused
+  with pytest.raises(ValueError, match="data.packing"):
+    resume.check_config(tmp_path, config)

@@ -83,7 +83,7 @@ def check_config(workdir, config) -> dict[str, tuple]:
   path = pathlib.Path(workdir) / run_store.CONFIG_FILE
   if not path.is_file() or not run_store.has_steps(pathlib.Path(workdir) / run_store.CHECKPOINTS_DIR):
     return {}
-  saved = run_store.read_json(path)
+  saved = run_store.read_config(workdir)
   changes = config_changes(saved, run_store.as_json(config.to_dict()))
   refused = {k: v for k, v in changes.items() if not _resumable(k, *v)}
   if refused:
