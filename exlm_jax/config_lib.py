@@ -94,8 +94,10 @@ def typed_like(default, text: str, what: str):
       raise ValueError(f"{what}={text!r} must be {kind}, like its default {default!r}") from None
   if isinstance(default, (tuple, list)):
     value = _literal(text)
-    if isinstance(value, str):
-      value = [part.strip() for part in text.split(",") if part.strip()]
+    if isinstance(value, str):  # words: "a,b" or "(a,b)"
+      words = text.strip()
+      words = words[1:-1] if words[:1] + words[-1:] in ("()", "[]") else words
+      value = [part.strip() for part in words.split(",") if part.strip()]
     return type(default)(value if isinstance(value, (tuple, list)) else (value,))
   if isinstance(default, ml_collections.ConfigDict):
     raise ValueError(f"{what} is a section, not a value; set its keys ({', '.join(sorted(default))}) one by one")
@@ -108,6 +110,16 @@ def _literal(text: str):
     return ast.literal_eval(text)
   except (ValueError, SyntaxError):
     return text
+
+
+def format_value(value) -> str:
+  """A value as `--config.key=` text that `typed_like` (and ml_collections' flags) read back as the same value:
+  bools as true / false, tuples and lists as a Python tuple literal, everything else as str()."""
+  if isinstance(value, bool):
+    return "true" if value else "false"
+  if isinstance(value, (list, tuple)):
+    return "(" + ",".join(format_value(v) for v in value) + ("," if len(value) == 1 else "") + ")"
+  return str(value)
 
 
 def closest(key: str, known: Iterable[str]) -> str:

@@ -82,17 +82,8 @@ def expand(config_spec: str, sweep_arg: str | None = None) -> list[dict[str, Any
   return runs
 
 
-def format_value(value) -> str:
-  """A value as ml_collections' --config.key= flag parses it."""
-  if isinstance(value, bool):
-    return "true" if value else "false"
-  if isinstance(value, (list, tuple)):
-    return "(" + ",".join(format_value(v) for v in value) + ("," if len(value) == 1 else "") + ")"
-  return str(value)
-
-
 def run_name(index: int, overrides: dict[str, Any]) -> str:
-  parts = [f"{key.split('.')[-1]}={format_value(v)}" for key, v in overrides.items()]
+  parts = [f"{key.split('.')[-1]}={config_lib.format_value(v)}" for key, v in overrides.items()]
   slug = re.sub(r"[^A-Za-z0-9_.=+-]+", "-", ",".join(parts))[:80].strip("-")
   return f"{index:02d}_{slug}" if slug else f"{index:02d}"
 
@@ -100,7 +91,7 @@ def run_name(index: int, overrides: dict[str, Any]) -> str:
 def main_args(config_spec: str, workdir: str, overrides: dict[str, Any], extra: Sequence[str]) -> list[str]:
   """main.py's arguments for one run."""
   args = ["--config", config_spec, "--workdir", workdir]
-  args += [f"--config.{key}={format_value(v)}" for key, v in overrides.items()]
+  args += [f"--config.{key}={config_lib.format_value(v)}" for key, v in overrides.items()]
   return args + list(extra)
 
 

@@ -358,3 +358,9 @@ def test_every_pretraining_config_reads_its_own_data_files(path):
       head = handle.read(4096)
     if not local.endswith(".gz"):
       assert first.split()[0].encode() in head.split(b"\n")[0], f"{path.name}: {file}'s first row was skipped"
+
+
+@pytest.mark.parametrize("value", [True, False, 3, 2.5e-4, "rope2d", (0, 1, 2), (7,), ("a", "b")])
+def test_format_value_is_read_back_as_the_same_value(value):
+  """What the sweep and the comparison harness write as --config.key= text, `typed_like` reads back unchanged."""
+  assert config_lib.typed_like(value, config_lib.format_value(value), "key") == value

@@ -226,7 +226,7 @@ def recipe(suite: Suite, scale: Scale, family: str) -> dict[str, Any]:
   except the objective, its budget and the objective blocks."""
   config = config_lib.load(config_spec(suite, scale, ARM_SPECS[family], family))
   for key, value in scale.pretrain.items():
-    config_lib.override(config, key, format_value(value), f"scale {scale.size}: ")
+    config_lib.override(config, key, config_lib.format_value(value), f"scale {scale.size}: ")
   blocks = _blocks(config)
   return {k: v for k, v in flatten(config).items() if _is_recipe_key(k, blocks)}
 
@@ -261,17 +261,8 @@ def resolved_config(spec_text: str, overrides: dict[str, Any]) -> ml_collections
       config[top] = config.get(top) or ml_collections.ConfigDict()
       config[top][rest] = value
       continue
-    config_lib.override(config, key, format_value(value))
+    config_lib.override(config, key, config_lib.format_value(value))
   return config
-
-
-def format_value(value) -> str:
-  """A value as `--config.key=` text (config_lib.typed_like reads it back)."""
-  if isinstance(value, bool):
-    return "true" if value else "false"
-  if isinstance(value, (list, tuple)):
-    return "(" + ",".join(format_value(v) for v in value) + ("," if len(value) == 1 else "") + ")"
-  return str(value)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -368,7 +359,8 @@ def build(suite_name: str, scale_name: str, workdir: str, arms: Sequence[str] | 
 
 def main_args(spec_text: str, workdir: str, overrides: dict[str, Any]) -> list[str]:
   """main.py's arguments for one run."""
-  return ["--config", spec_text, "--workdir", workdir] + [f"--config.{k}={format_value(v)}" for k, v in overrides.items()]
+  flags = [f"--config.{k}={config_lib.format_value(v)}" for k, v in overrides.items()]
+  return ["--config", spec_text, "--workdir", workdir] + flags
 
 
 # ----------------------------------------------------------------------------------------------
