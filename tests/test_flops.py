@@ -14,7 +14,6 @@ import dataclasses
 import math
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import pytest
 

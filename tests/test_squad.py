@@ -2,7 +2,6 @@
 head + loss against float64 NumPy, decoding against brute force, the official metric against hand-worked
 examples, answer(), and a short jitted optax run showing SquadModel trains on real features."""
 
-import collections
 import itertools
 import json
 import math
