@@ -27,6 +27,7 @@ import argparse
 import json
 import os
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -94,6 +95,28 @@ class ProgressLine:
     print(("\r" + text + "\033[K") if self.tty else text, end="" if self.tty else "\n", flush=True)
 
 
+class Stopped(Exception):
+  """The harness got SIGTERM (raised by the handler `main` installs)."""
+
+
+def _raise_stopped(signum, frame):
+  del signum, frame
+  raise Stopped()
+
+
+def run_child(cmd: list[str], log, env: dict) -> int:
+  """Runs one run's process to its end and returns its exit code. A SIGTERM or Ctrl-C to the harness is passed on
+  as SIGTERM (main.py then saves a checkpoint and exits) and the harness waits for it before stopping, so no
+  orphaned run keeps training or holds its workdir's lock."""
+  child = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=env)
+  try:
+    return child.wait()
+  except (KeyboardInterrupt, Stopped):
+    child.send_signal(signal.SIGTERM)
+    child.wait()
+    raise
+
+
 def execute(plan: dict, python: str) -> list[str]:
   """Launches every unfinished run of `plan` in order (skipping those whose inputs failed); returns the failures."""
   workdir = plan["workdir"]
@@ -117,9 +140,7 @@ def execute(plan: dict, python: str) -> list[str]:
     with open(log_path, "a") as log:
       log.write(f"\n# {time.strftime('%Y-%m-%d %H:%M:%S')} {shlex.join(cmd)}\n")
       log.flush()
-      rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
-                          env={**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", "")}
-                          ).returncode
+      rc = run_child(cmd, log, {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", "")})
     with open(os.path.join(workdir, LAUNCHES), "a") as f:
       f.write(json.dumps({"run": run["name"], "started": started, "seconds": time.time() - started, "rc": rc,
                           "log": log_path}) + "\n")
@@ -177,7 +198,12 @@ def main(argv: Sequence[str] | None = None) -> int:
   os.makedirs(plan["workdir"], exist_ok=True)
   with open(os.path.join(plan["workdir"], "plan.json"), "w") as f:
     json.dump(plan, f, indent=1, default=str)
-  failed = execute(plan, args.python)
+  signal.signal(signal.SIGTERM, _raise_stopped)
+  try:
+    failed = execute(plan, args.python)
+  except (KeyboardInterrupt, Stopped):
+    print("\n[compare] stopped; the running run saved its state: rerun the same command to resume", file=sys.stderr)
+    return 130
   from exlm_jax.compare import report  # pylint: disable=g-import-not-at-top  (JAX, matplotlib)
   cmd = "python launch/compare.py " + shlex.join(sys.argv[1:] if argv is None else list(argv))
   out = report.write(plan, cmd)

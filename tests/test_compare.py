@@ -5,8 +5,10 @@ import json
 import math
 import os
 import pathlib
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -230,3 +232,44 @@ def test_dry_run_spends_nothing(tmp_path, env):
   assert "pretrain/mlm" in out and "finetune/mlm/bbbp" in out and "estimated total" in out
   assert "measured (mlm's config)" in out
   assert not workdir.exists()
+
+
+CHILD = """
+import pathlib, signal, sys, time
+here = pathlib.Path(sys.argv[1])
+def save_and_exit(signum, frame):
+  (here / "saved").write_text("saved")
+  sys.exit(0)
+signal.signal(signal.SIGTERM, save_and_exit)
+(here / "child_pid").write_text(str(__import__("os").getpid()))
+time.sleep(120)
+"""
+HARNESS = """
+import importlib.util, os, signal, sys
+spec = importlib.util.spec_from_file_location("compare_cli", sys.argv[1])
+cli = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(cli)
+signal.signal(signal.SIGTERM, cli._raise_stopped)  # as main() does
+try:
+  cli.run_child([sys.executable, "-c", sys.argv[2], sys.argv[3]], open(os.path.join(sys.argv[3], "log"), "w"),
+                dict(os.environ))
+except cli.Stopped:
+  sys.exit(130)
+"""
+
+
+def test_a_stopped_harness_stops_its_run_cleanly_and_leaves_no_orphan(tmp_path):
+  """SIGTERM to the harness reaches the running run as SIGTERM (main.py saves and exits there) and the harness waits
+  for it: no run keeps training, or holding its workdir's lock, after the harness is gone."""
+  env = {**os.environ, "PYTHONPATH": str(REPO)}
+  harness = subprocess.Popen([sys.executable, "-c", HARNESS, str(REPO / "launch" / "compare.py"), CHILD, str(tmp_path)],
+                             env=env, cwd=REPO)
+  deadline = time.time() + 60
+  while not (tmp_path / "child_pid").exists() and time.time() < deadline:
+    time.sleep(0.1)
+  child_pid = int((tmp_path / "child_pid").read_text())
+  harness.send_signal(signal.SIGTERM)
+  assert harness.wait(timeout=30) == 130
+  assert (tmp_path / "saved").read_text() == "saved"  # the run got SIGTERM and handled it
+  with pytest.raises(ProcessLookupError):
+    os.kill(child_pid, 0)  # and is gone
