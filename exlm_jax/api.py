@@ -50,8 +50,8 @@ log = logging.getLogger(__name__)
 
 MASK_STRING = vocab.SPECIAL_TOKENS[vocab.MASK]  # "[MASK]"
 NEVER_PREDICTED = (vocab.PAD, vocab.BOS, vocab.EOS, vocab.MASK)  # never proposed by predict_masked
-SMILES_TOKENIZERS = ("smiles_regex", "smiles_bpe")
-QA_TASK_TYPE = "extractive_qa"  # task.json task_type of SQuAD runs (finetune/squad/task.py)  # runs whose inputs are SMILES (checked with RDKit)
+SMILES_TOKENIZERS = ("smiles_regex", "smiles_bpe")  # runs whose inputs are SMILES (checked with RDKit)
+QA_TASK_TYPE = "extractive_qa"  # task.json task_type of SQuAD runs (finetune/squad/task.py TASK_TYPE)
 _SHOWN_INPUTS = 5  # inputs named in a warning line
 
 

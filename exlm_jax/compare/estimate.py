@@ -22,6 +22,7 @@ from typing import Callable
 
 import jax
 
+from exlm_jax.finetune import lengths
 from exlm_jax.models import flops as model_flops
 
 # Fields that change a run's length or bookkeeping, not its step: left out of the "distinct config" key.
@@ -72,7 +73,7 @@ def pretrain_estimate(config, m: dict) -> dict:
 def finetune_estimate(ft_config, split_sizes: dict, m: dict) -> dict:
   """Fine-tuning FLOPs and wall seconds extrapolated from the arm's measured pretraining step `m`."""
   model = m["model"]
-  seq_len = int(ft_config.seq_len) if int(ft_config.seq_len) > 0 else 8 * math.ceil(m["max_example_len"] / 8)
+  seq_len = int(ft_config.seq_len) if int(ft_config.seq_len) > 0 else lengths.round_up(m["max_example_len"])
   n_train = split_sizes["train"]
   if ft_config.data.max_train_examples > 0:
     n_train = min(n_train, ft_config.data.max_train_examples)
@@ -110,7 +111,7 @@ def estimate(plan: dict, load_config: Callable, say: Callable[[str], None] = pri
   for run in plan["runs"]:
     if run["kind"] != "pretrain":
       continue
-    spec, overrides = run["args"][1], [a for a in run["args"][4:]]
+    spec, overrides = run["args"][1], run["args"][4:]
     config = load_config(spec, overrides)
     configs[run["arm"]] = config
     key = step_key(config)
@@ -123,7 +124,7 @@ def estimate(plan: dict, load_config: Callable, say: Callable[[str], None] = pri
       from exlm_jax.train import flops  # pylint: disable=g-import-not-at-top
       resolved = flops.resolve_budget(_with_vocab(config, m))
       m["total_steps"] = int(resolved.total_steps)
-    elif m["total_steps"] != config.total_steps:
+    else:
       m["total_steps"] = int(config.total_steps)
     out[run["name"]] = {"kind": "pretrain", "arm": run["arm"], **pretrain_estimate(config, m)}
     out[run["name"]]["wall_s"] += startup

@@ -8,6 +8,8 @@ import ml_collections
 
 from exlm_jax.train import partitioning
 
+OVERLONG = ("truncate", "skip")  # data.overlong: what fine-tuning does with inputs over seq_len (finetune/lengths.py)
+
 # Model fields a fine-tuning config may change on top of the pretrained architecture.
 MODEL_OVERRIDES = ("dropout_rate", "attention_dropout_rate", "dtype", "remat")
 
@@ -36,7 +38,7 @@ def validate_config(config, num_devices: int) -> None:
     raise ValueError("seeds is empty; give at least one, e.g. --config.seeds='(0,)'")
   if config.seq_len != 0 and config.seq_len < 4:
     raise ValueError(f"seq_len={config.seq_len} leaves no room for text; use >= 4 (or 0: from the pretraining run)")
-  if config.data.overlong not in ("truncate", "skip"):
+  if config.data.overlong not in OVERLONG:
     raise ValueError(f"data.overlong={config.data.overlong!r}; choose 'truncate' (cut at the end) or 'skip'")
   unknown = sorted(set(config.model.keys()) - set(MODEL_OVERRIDES))
   if unknown:

@@ -31,7 +31,6 @@ from exlm_jax.train.reporting import note
 log = logging.getLogger(__name__)
 
 FROM_PRETRAINING = 0  # the seq_len sentinel
-OVERLONG = ("truncate", "skip")
 LEARNED_POSITIONS = ("absolute", "absolute+relbias")
 MULTIPLE = 8
 
