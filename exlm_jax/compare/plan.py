@@ -84,17 +84,18 @@ class Scale:
   analysis_args: tuple = ()  # more arguments of `python -m exlm_jax.analysis report`
 
 
-# cpu: a 4 x 128 encoder on packed 128-slot blocks; MLM's 700 steps x 64 blocks x ~0.87 of the slots real is about
-# 5 M real tokens, the other arms by their FLOPs (MLM++) or the same steps (the methods); 5 fine-tuning epochs. Sized
-# to about 3 hours on one idle 2-core machine: `launch/compare.py --dry_run --scale cpu` measured 2.2 h of
-# pretraining and 0.7 h of fine-tuning there (10 epochs would add 0.7 h).
+# cpu: a 4 x 128 encoder on packed 128-slot blocks; MLM's 400 steps x 64 blocks x ~0.87 of the slots real is about
+# 2.9 M real tokens, the other arms by their FLOPs (MLM++) or the same steps (the methods); 5 fine-tuning epochs. Sized
+# so that the whole SMILES suite runs in one 3-hour working session with time to spare on one idle 2-core machine:
+# `launch/compare.py --dry_run --scale cpu` estimates about 1.3 h of pretraining and 0.8 h of fine-tuning there
+# (700 steps, ~5 M real tokens, would add about 1 h).
 _CPU_ENCODER = {"model.num_layers": 4, "model.d_model": 128, "model.num_heads": 4, "model.mlp_dim": 512}
 SCALES = {
     "tiny": Scale("tiny", {"total_steps": 6, "warmup_steps": 1, "log_every": 3, "eval_every": 3, "checkpoint_every": 3,
                            "eval_batches": 1},
                   {"num_epochs": 1, "log_every": 4}, "quick", {"smiles": ("bbbp",), "text": ("sst2",)}, (0,), 48,
                   ("--mask_ratios", "0.15,0.45")),
-    "cpu": Scale("small", {**_CPU_ENCODER, "seq_len": 128, "data.packing": True, "batch_size": 64, "total_steps": 700,
+    "cpu": Scale("small", {**_CPU_ENCODER, "seq_len": 128, "data.packing": True, "batch_size": 64, "total_steps": 400,
                            "warmup_steps": 50, "learning_rate": 1e-3, "log_every": 20, "eval_every": 100,
                            "eval_batches": 8, "checkpoint_every": 100},
                  {"num_epochs": 5}, "", {"smiles": ("bbbp", "bace", "esol"), "text": ("sst2", "cola", "rte")},
