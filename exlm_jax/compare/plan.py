@@ -87,8 +87,8 @@ class Scale:
 # cpu: a 4 x 128 encoder on packed 128-slot blocks; MLM's 400 steps x 64 blocks x ~0.87 of the slots real is about
 # 2.9 M real tokens, the other arms by their FLOPs (MLM++) or the same steps (the methods); 5 fine-tuning epochs. Sized
 # so that the whole SMILES suite runs in one 3-hour working session with time to spare on one idle 2-core machine:
-# `launch/compare.py --dry_run --scale cpu` estimates about 1.3 h of pretraining and 0.8 h of fine-tuning there
-# (700 steps, ~5 M real tokens, would add about 1 h).
+# the committed run (results/smiles_cpu) took 2.1 h there, 1.4 h of it pretraining; at 700 steps (~5 M real
+# tokens) `launch/compare.py --dry_run --scale cpu` estimated 3.0 h.
 _CPU_ENCODER = {"model.num_layers": 4, "model.d_model": 128, "model.num_heads": 4, "model.mlp_dim": 512}
 SCALES = {
     "tiny": Scale("tiny", {"total_steps": 6, "warmup_steps": 1, "log_every": 3, "eval_every": 3, "checkpoint_every": 3,
